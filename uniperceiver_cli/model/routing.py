@@ -8,8 +8,11 @@ attributes instead of magic bit vectors.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Literal
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Literal
+
+if TYPE_CHECKING:
+    import torch
 
 Modality = Literal["image", "video", "text"]
 Side = Literal["input", "target"]
@@ -27,7 +30,9 @@ VISUAL_INPUT_TASKS = frozenset(
     }
 )
 #: Task types whose *input* contains text tokens.
-TEXT_INPUT_TASKS = frozenset({"image_caption", "video_caption", "mlm", "text_classification", "vqa"})
+TEXT_INPUT_TASKS = frozenset(
+    {"image_caption", "video_caption", "mlm", "text_classification", "vqa"}
+)
 
 
 def attribute_row(
@@ -94,15 +99,36 @@ class RoutingContext:
         task: recipe task name (task routing) or target-set name for candidate encodings.
         segments: segments in sequence order; their lengths sum to the sequence length L of the
             tokens being transformed.
+        padding: optional (B, L) bool tensor, True at padded positions. Token and context routers
+            use it to leave padding out of routing, capacity and the context mean; None means no
+            padding. Excluded from equality and repr.
     """
 
     task: str
     segments: tuple[Segment, ...]
+    padding: torch.Tensor | None = field(default=None, compare=False, repr=False)
 
     @property
     def length(self) -> int:
         """Total positions covered by the segments."""
         return sum(s.length for s in self.segments)
+
+    def with_prefix(self, n: int) -> RoutingContext:
+        """Return the context of `n` extra positions prepended to the first segment.
+
+        Used for deep key/value prompts, which ride with the first segment (SPEC §2.5).
+
+        Args:
+            n: number of prepended positions (>= 0).
+
+        Returns:
+            A context covering `n + self.length` positions.
+        """
+        if n == 0 or not self.segments:
+            return self
+        first = self.segments[0]
+        grown = Segment(first.length + n, first.modality, first.attributes)
+        return RoutingContext(self.task, (grown, *self.segments[1:]))
 
     def boundaries(self) -> list[tuple[int, int]]:
         """Return the `[start, end)` position range of each segment."""
@@ -162,7 +188,9 @@ def input_segments(
     return tuple(segs)
 
 
-def target_segments(target_kind: Literal["classes", "captions", "vocabulary", "labels"], length: int) -> tuple[Segment, ...]:
+def target_segments(
+    target_kind: Literal["classes", "captions", "vocabulary", "labels"], length: int
+) -> tuple[Segment, ...]:
     """Segment of an encoded candidate sequence `[SPE, tokens..., EOT]`.
 
     Class-name sets and retrieval captions use the retrieval-target row; the vocabulary and GLUE label
