@@ -1,1 +1,37 @@
-"""moe package."""
+"""Conditional mixture-of-experts linears (SPEC §2, §13.1).
+
+router.py scores, dispatch.py selects and groups, experts.py holds and applies expert weights,
+losses.py has the auxiliary losses, layer.py the routed linears and `build_routed_linears`,
+telemetry.py the aux record, fold.py dense folding, parallel.py expert parallelism, reference.py
+loop oracles, keys.py reference checkpoint keys. Importing this package imports torch.
+"""
+
+from uniperceiver_cli.model.moe.fold import FoldError, FoldReport, fold, fold_report
+from uniperceiver_cli.model.moe.layer import (
+    MoEConfigError,
+    SegmentRoutedLinear,
+    SharedDecisionError,
+    TokenRoutedLinear,
+    build_routed_linears,
+    validate_moe_config,
+)
+from uniperceiver_cli.model.moe.router import RoutingError, UnseenTaskError
+from uniperceiver_cli.model.moe.telemetry import MoEAux, SegmentRoute, total_aux_loss
+
+__all__ = [
+    "FoldError",
+    "FoldReport",
+    "MoEAux",
+    "MoEConfigError",
+    "RoutingError",
+    "SegmentRoute",
+    "SegmentRoutedLinear",
+    "SharedDecisionError",
+    "TokenRoutedLinear",
+    "UnseenTaskError",
+    "build_routed_linears",
+    "fold",
+    "fold_report",
+    "total_aux_loss",
+    "validate_moe_config",
+]
