@@ -128,7 +128,13 @@ class RoutingContext:
             return self
         first = self.segments[0]
         grown = Segment(first.length + n, first.modality, first.attributes)
-        return RoutingContext(self.task, (grown, *self.segments[1:]))
+        padding = self.padding
+        if padding is not None:
+            # prompts are never padding: prepend n visible columns
+            widened = padding.new_zeros((padding.shape[0], n + padding.shape[1]))
+            widened[:, n:] = padding
+            padding = widened
+        return RoutingContext(self.task, (grown, *self.segments[1:]), padding)
 
     def boundaries(self) -> list[tuple[int, int]]:
         """Return the `[start, end)` position range of each segment."""
