@@ -18,6 +18,18 @@ if ! ldconfig -p 2>/dev/null | grep -q 'libavutil\.so'; then
   fi
 fi
 
+# A Java runtime: only the reference caption metrics (pycocoevalcap, `--metrics-backend coco`) and their parity
+# tests need it; our own caption metrics do not.
+if ! command -v java >/dev/null 2>&1; then
+  if [ "$(id -u)" = "0" ] && command -v apt-get >/dev/null 2>&1; then
+    log "installing a Java runtime (apt-get) for the reference caption metrics"
+    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq default-jre-headless >/dev/null) \
+      || log "could not install Java; pycocoevalcap parity tests will be skipped"
+  else
+    log "java not found: pycocoevalcap parity tests will be skipped"
+  fi
+fi
+
 PYTHON="${PYTHON:-python3}"
 if ! command -v uv >/dev/null 2>&1; then
   log "installing uv"

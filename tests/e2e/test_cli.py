@@ -170,3 +170,23 @@ def test_recipes_list_show_cp(runner: CliRunner, tmp_path: Path) -> None:
     assert result.exit_code == ExitCode.USAGE
     result = runner.invoke(app, ["recipes", "show", "no_such_recipe"])
     assert result.exit_code == ExitCode.USAGE
+
+
+def test_data_toy_writes_real_formats(runner: CliRunner, tmp_path: Path) -> None:
+    from uniperceiver_cli.data.build import build_dataset
+    from uniperceiver_cli.data.options import options_for
+
+    out = tmp_path / "toy"
+    result = runner.invoke(
+        app, ["data", "toy", "--out", str(out), "--num-images", "20", "--num-videos", "10", "--json"]
+    )
+    assert result.exit_code == 0, result.output
+    paths = json.loads(result.stdout)["paths"]
+    assert not list(tmp_path.glob(".toy.tmp-*"))
+    options = options_for(
+        {"format": "coco_captions", "split": "train", "annotation_file": paths["captions_train"], "images_dir": paths["images"]}
+    )
+    dataset = build_dataset(options, task_type="image_retrieval", image_size=32)
+    assert len(dataset) > 0
+    again = runner.invoke(app, ["data", "toy", "--out", str(out)])
+    assert again.exit_code == ExitCode.USAGE

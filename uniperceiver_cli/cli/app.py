@@ -103,6 +103,27 @@ def _finish_recipe(
     del output_dir
 
 
+def _run_training(loaded: LoadedRecipe, output_dir: Path | None, resume: bool, as_json: bool) -> None:
+    """Run the training engine and render its result (Rich summary on stderr, `--json` on stdout).
+
+    Exit codes: 0 done, 130 interrupted (a checkpoint was saved), 1 the run failed (divergence, data or
+    checkpoint problems; the message says which and what to do).
+    """
+    from uniperceiver_cli.cli.render import print_training_result
+    from uniperceiver_cli.engine.train import TrainingInterrupted, train, user_errors
+
+    try:
+        result = train(loaded, output_dir=output_dir, resume=resume)
+    except TrainingInterrupted as stop:
+        print_training_result(stop.result, as_json=as_json)
+        raise typer.Exit(ExitCode.INTERRUPTED) from None
+    except user_errors() as exc:
+        stderr_console().print(f"[bold red]training failed:[/] {exc}", markup=True, highlight=False)
+        if as_json:
+            print_json({"ok": False, "status": "failed", "error": type(exc).__name__, "message": str(exc)})
+        raise typer.Exit(ExitCode.FAILURE) from None
+    print_training_result(result, as_json=as_json)
+
 @app.command(context_settings=CONTEXT)
 def pretrain(
     recipe: RecipeArg,
@@ -115,9 +136,9 @@ def pretrain(
     """Multi-task pretraining from a recipe (works under `torchrun -m uniperceiver_cli`)."""
     loaded = load_or_exit(recipe, sets, "pretrain")
     _finish_recipe(loaded, output_dir, dry_run, as_json)
-    del resume
     if not engine_available("uniperceiver_cli.engine.train"):
         not_available("pretrain", "the training engine", 6, as_json=as_json)
+    _run_training(loaded, output_dir, resume, as_json)
 
 
 @app.command(context_settings=CONTEXT)
@@ -132,9 +153,9 @@ def finetune(
     """Single-task full fine-tuning from a recipe."""
     loaded = load_or_exit(recipe, sets, "finetune")
     _finish_recipe(loaded, output_dir, dry_run, as_json)
-    del resume
     if not engine_available("uniperceiver_cli.engine.train"):
         not_available("finetune", "the training engine", 6, as_json=as_json)
+    _run_training(loaded, output_dir, resume, as_json)
 
 
 @app.command("prompt-tune", context_settings=CONTEXT)
@@ -149,9 +170,9 @@ def prompt_tune(
     """Prompt tuning: train deep prompts and norms of a frozen checkpoint."""
     loaded = load_or_exit(recipe, sets, "prompt_tune")
     _finish_recipe(loaded, output_dir, dry_run, as_json)
-    del resume
     if not engine_available("uniperceiver_cli.engine.train"):
         not_available("prompt-tune", "the training engine", 6, as_json=as_json)
+    _run_training(loaded, output_dir, resume, as_json)
 
 
 @app.command("eval", context_settings=CONTEXT)
@@ -319,12 +340,34 @@ def score_captions(
 def data_toy(
     out: Annotated[Path, typer.Option("--out", help="Folder to write the toy world into.")],
     seed: Annotated[int, typer.Option("--seed", help="World seed.")] = 0,
+    num_images: Annotated[int, typer.Option("--num-images", min=10, help="Images in all splits.")] = 600,
+    num_videos: Annotated[int, typer.Option("--num-videos", min=10, help="Videos in all splits.")] = 120,
+    image_size: Annotated[int, typer.Option("--image-size", min=8, help="Image and frame side in pixels.")] = 32,
     as_json: JsonOption = False,
 ) -> None:
     """Write the built-in toy world (images, captions, videos, text) in the real dataset formats."""
-    del out, seed
-    if not engine_available("uniperceiver_cli.data.toy"):
-        not_available("data toy", "the toy world", 5, as_json=as_json)
+    if out.exists() and any(out.iterdir()):
+        _usage(f"{out} exists and is not empty; choose a new folder")
+    from uniperceiver_cli.data.toy import write_toy_world
+
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    try:
+        summary = write_toy_world(tmp, seed=seed, num_images=num_images, num_videos=num_videos, image_size=image_size)
+        if out.exists():
+            out.rmdir()
+        tmp.replace(out)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+    paths = {name: str(out / Path(p).relative_to(tmp)) for name, p in summary.paths.items()}
+    if as_json:
+        print_json({"ok": True, "out": str(out), "seed": seed, "paths": paths})
+    else:
+        stderr_console().print(f"wrote the toy world (seed {seed}) to {out}")
+        for name, path in paths.items():
+            stderr_console().print(f"  {name:24s} {path}")
 
 
 @app.command(context_settings=CONTEXT)
