@@ -127,7 +127,7 @@ def test_not_available_commands_exit_3(
     payload = json.loads(result.stdout)
     assert payload["status"] == "not_available"
     assert "not available yet" in result.output
-    result = runner.invoke(app, ["data", "toy", "--out", str(tmp_path / "toy")])
+    result = runner.invoke(app, ["export", str(TINY), "--out", str(tmp_path / "bundle")])
     assert result.exit_code == ExitCode.NOT_AVAILABLE
 
 

@@ -322,6 +322,16 @@ class EvaluationSpec(Section):
         1, description="Temporal clips per video (Kinetics-400: 4)."
     )
     spatial_crops: Literal[1, 3] = Field(1, description="Spatial crops per clip (Kinetics-400: 3).")
+    view_mode: Literal["uniform", "interleaved"] = Field(
+        "uniform",
+        description="How temporal views are cut: clip starts spread from frame 0 (uniform), or T·V frames at "
+        "stride/V dealt out to V interleaved clips (interleaved, the Kinetics-400 protocol).",
+    )
+    caption_metrics: Literal["builtin", "coco"] = Field(
+        "builtin",
+        description="Caption metric implementation: builtin (pure Python, no Java) or coco (pycocoevalcap, "
+        "needs Java).",
+    )
 
 
 class _RecipeBase(Section):

@@ -13,7 +13,14 @@ from typing import Annotated, Any, Literal
 from pydantic import Field
 
 from uniperceiver_cli.model.config import LOGIT_SCALE_NAMES
-from uniperceiver_cli.recipe.base import PositiveFloat, PositiveInt, Probability, Section, as_number
+from uniperceiver_cli.recipe.base import (
+    NonNegativeInt,
+    PositiveFloat,
+    PositiveInt,
+    Probability,
+    Section,
+    as_number,
+)
 from uniperceiver_cli.recipe.data import FORMATS_FOR_TASK, DataSpec
 
 TemperatureName = Literal[
@@ -143,6 +150,12 @@ class _CaptionBase(_TaskBase, _VisualMixin):
         description="Restrict the candidate vocabulary to the words listed (one per line); "
         "default: the full 49,411-entry vocabulary.",
     )
+    vocab_negatives: NonNegativeInt | None = Field(
+        1024,
+        description="Vocabulary candidates per step: the ids in the batch plus this many ids sampled uniformly "
+        "(from `vocabulary_file` when given); null = the whole vocabulary, encoded with gradients at every step "
+        "as the reference does (exact, much slower).",
+    )
 
 
 class ImageCaptionTask(_CaptionBase):
@@ -188,6 +201,17 @@ class MLMTask(_TaskBase):
     max_text_len: PositiveInt = Field(128, le=512, description="Tokens per sample.")
     label_smoothing: float = Field(
         0.0, ge=0, lt=1, description="Label smoothing ε (MLM uses plain CE)."
+    )
+    vocab_negatives: NonNegativeInt | None = Field(
+        1024,
+        description="Vocabulary candidates per step: the ids in the batch plus this many ids sampled uniformly "
+        "(from `vocabulary_file` when given); null = the whole vocabulary, encoded with gradients at every step "
+        "as the reference does (exact, much slower).",
+    )
+    vocabulary_file: str | None = Field(
+        None,
+        description="Restrict the candidate vocabulary to the words listed (one per line); "
+        "default: the full 49,411-entry vocabulary.",
     )
 
 
