@@ -85,19 +85,21 @@ def retrieval_metrics(
     for start in range(0, n, chunk_size):
         stop = min(start + chunk_size, n)
         t2i_rank[start:stop] = _ranks(sim[:, start:stop].T, target[start:stop])
-    # Image -> text: best rank among the image's captions. A caption ranks r in its image's row.
-    best = torch.full((q,), n, dtype=torch.long, device=sim.device)
-    order = torch.argsort(target, stable=True)
-    for start in range(0, n, chunk_size):
-        texts = order[start : start + chunk_size]
-        images = target[texts]
-        ranks = _ranks(sim[images], texts)  # (C,) rank of each caption within its image's row
-        best.scatter_reduce_(0, images, ranks, reduce="amin")
+    # Image -> text: the best rank among an image's captions is the rank of its highest-scoring caption
+    # (lowest index among equal scores), so one pass over each row suffices.
+    best = torch.empty(q, dtype=torch.long, device=sim.device)
+    for start in range(0, q, chunk_size):
+        stop = min(start + chunk_size, q)
+        rows = sim[start:stop]  # (C, N)
+        own = target[None, :] == torch.arange(start, stop, device=sim.device)[:, None]  # (C, N)
+        masked = rows.masked_fill(~own, float("-inf"))
+        best_caption = masked.argmax(dim=1)  # first index of the maximum (torch.argmax contract)
+        best[start:stop] = _ranks(rows, best_caption)
     out: dict[str, float] = {}
     for k in KS:
-        out[f"i2t_r{k}"] = 100.0 * float((best < k).float().mean())
+        out[f"i2t_r{k}"] = 100.0 * float((best < k).double().mean())
     for k in KS:
-        out[f"t2i_r{k}"] = 100.0 * float((t2i_rank < k).float().mean())
+        out[f"t2i_r{k}"] = 100.0 * float((t2i_rank < k).double().mean())
     six = [out[f"{d}_r{k}"] for d in ("i2t", "t2i") for k in KS]
     out["i2t_mean"] = sum(six[:3]) / 3
     out["t2i_mean"] = sum(six[3:]) / 3

@@ -64,3 +64,35 @@ def test_input_errors() -> None:
         retrieval_metrics(torch.zeros(3, 2), torch.tensor([0, 1]))
     with pytest.raises(RetrievalError, match=r"\[0, 2\)"):
         retrieval_metrics(torch.zeros(2, 2), torch.tensor([0, 5]))
+
+
+def _brute_force(sim: torch.Tensor, text_to_image: torch.Tensor) -> dict[str, float]:
+    """Obviously-correct loops: full stable descending sorts of every row and column."""
+    q, n = sim.shape
+    i2t_best = []
+    for i in range(q):
+        order = sorted(range(n), key=lambda j: (-float(sim[i, j]), j))
+        i2t_best.append(min(order.index(j) for j in range(n) if int(text_to_image[j]) == i))
+    t2i = []
+    for j in range(n):
+        order = sorted(range(q), key=lambda i: (-float(sim[i, j]), i))
+        t2i.append(order.index(int(text_to_image[j])))
+    out = {}
+    for k in (1, 5, 10):
+        out[f"i2t_r{k}"] = 100.0 * sum(r < k for r in i2t_best) / q
+        out[f"t2i_r{k}"] = 100.0 * sum(r < k for r in t2i) / n
+    return out
+
+
+@pytest.mark.parametrize("ties", [False, True])
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_equals_brute_force_on_random_matrices(seed: int, ties: bool) -> None:
+    g = torch.Generator().manual_seed(seed)
+    q, per = 23, 5
+    text_to_image = torch.arange(q).repeat_interleave(per)[torch.randperm(q * per, generator=g)]
+    sim = torch.randn(q, q * per, generator=g)
+    if ties:
+        sim = torch.round(sim * 2) / 2  # few distinct values: many ties
+    ours = retrieval_metrics(sim, text_to_image, chunk_size=7)
+    for key, value in _brute_force(sim, text_to_image).items():
+        assert ours[key] == pytest.approx(value, abs=1e-9), key
