@@ -25,6 +25,8 @@ if TYPE_CHECKING:
 __all__ = ["CheckpointError", "load", "resolve_checkpoint"]
 
 REFERENCE_SUFFIXES = (".pth", ".pt")
+#: Marker of a prompt-tuning checkpoint folder (see `uniperceiver_cli.engine.freeze`).
+PROMPT_DELTA_META = "prompt_delta.json"
 
 
 def resolve_checkpoint(path: str | os.PathLike[str]) -> Path:
@@ -58,7 +60,7 @@ def resolve_checkpoint(path: str | os.PathLike[str]) -> Path:
                 f"{latest} names {name!r}, but {target} is not a folder; the run folder is incomplete"
             )
         return target
-    if (p / CONFIG_FILE).is_file() and (p / WEIGHTS_FILE).is_file():
+    if (p / CONFIG_FILE).is_file() and ((p / WEIGHTS_FILE).is_file() or (p / PROMPT_DELTA_META).is_file()):
         return p
     raise CheckpointError(
         f"{p}: not a run folder (no checkpoints/LATEST) and not a checkpoint folder "
@@ -71,7 +73,7 @@ def load(path: str | os.PathLike[str], device: str | torch.device = "cpu") -> Un
 
     Args:
         path: a run folder, a checkpoint folder / exported bundle, or a released reference `.pth`/`.pt` file
-            (dense; see `resolve_checkpoint`).
+            (dense or MoE, torch or DeepSpeed layout; see `resolve_checkpoint` and docs/export.md).
         device: where to put the model.
 
     Returns:
@@ -85,4 +87,9 @@ def load(path: str | os.PathLike[str], device: str | torch.device = "cpu") -> Un
     if target.is_file():
         model, _ = load_reference_checkpoint(target, device=device)
         return model
+    if (target / PROMPT_DELTA_META).is_file():
+        # A prompt-tuning checkpoint stores only the tuned tensors plus its base checkpoint's path.
+        from uniperceiver_cli.engine.freeze import load_prompt_tuned
+
+        return load_prompt_tuned(target, device=device)
     return load_pretrained(target, device=device)

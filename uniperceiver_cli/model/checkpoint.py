@@ -1,9 +1,11 @@
 """Checkpoints: import of the reference's released dense formats and our own safetensors format (SPEC §8).
 
 Reference formats (`.pth`/`.pt`): `{'model': sd}` (torch), `{'module': sd}` (DeepSpeed) or a bare state dict, with the
-dense key names of SPEC §8.4 or the old DeepSpeed-era names of §8.3. MoE checkpoints are handled by the MoE
-package. Our format is a folder holding `model.safetensors` and `config.json` (`format_version` + `ModelConfig`),
-written to a temporary sibling and renamed into place. Every `torch.load` is `weights_only=True`.
+dense key names of SPEC §8.4 or the old DeepSpeed-era names of §8.3. MoE checkpoints are converted by
+`model/moe/released.py` (called from `load_reference_checkpoint`). Our format is a folder holding
+`model.safetensors` and `config.json` (`format_version` + `ModelConfig`), written to a temporary sibling and
+renamed into place. Every `torch.load` is `weights_only=True` unless the caller
+explicitly trusts the file (`trust=True`, for DeepSpeed files that pickle e.g. an `argparse.Namespace`).
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import json
 import logging
 import math
 import os
+import pickle
 import re
 import shutil
 import tempfile
@@ -41,6 +44,18 @@ class CheckpointError(Exception):
     """A checkpoint file or folder cannot be read or does not fit the model."""
 
 
+class UntrustedCheckpointError(CheckpointError):
+    """The file pickles arbitrary Python objects, which `weights_only=True` refuses to load.
+
+    Attributes:
+        global_name: the first refused global (e.g. `argparse.Namespace`), when torch names it.
+    """
+
+    def __init__(self, message: str, global_name: str | None = None) -> None:
+        super().__init__(message)
+        self.global_name = global_name
+
+
 @dataclass
 class ImportReport:
     """What importing a reference checkpoint did.
@@ -48,12 +63,17 @@ class ImportReport:
     Attributes:
         path: the file read.
         layout: `torch` ({'model': sd}), `deepspeed` ({'module': sd}) or `bare` (a state dict).
-        naming: `dense` (SPEC §8.4 names) or `old` (DeepSpeed-era names of §8.3, converted).
+        naming: `dense` (SPEC §8.4 names), `moe` (new-code MoE names) or `old` (DeepSpeed-era names of
+            §8.3, converted).
         mapped: source key -> our key, for every tensor loaded into the model.
         ignored: source key -> reason, for tensors deliberately not loaded.
         missing: our keys that the file did not provide (empty for a strict import).
         folded_type_embedding: the visual type embedding was added to the patch-conv bias here
-            (old-named files); released dense torch files are already folded.
+            (old-named dense files); released dense torch files are already folded, and MoE files are
+            never folded (the reference MoE converter does not fold, SPEC §8.3).
+        dead_gates: source keys of the gates of linears that reuse another linear's decision
+            (`self_attn.dense`, `linear2`; SPEC §2.6), dropped by the MoE import.
+        moe: the file is an MoE checkpoint.
     """
 
     path: str
@@ -63,6 +83,8 @@ class ImportReport:
     ignored: dict[str, str] = field(default_factory=dict)
     missing: list[str] = field(default_factory=list)
     folded_type_embedding: bool = False
+    dead_gates: list[str] = field(default_factory=list)
+    moe: bool = False
 
 
 # ---------------------------------------------------------------------------------------------- config <-> JSON
@@ -304,11 +326,29 @@ _DEAD_KEYS: dict[str, str] = {
 _TASK_LEVEL_PREFIXES = ("fc_prompt.", "similarity_weight", "prompt_embed.")
 
 
-def _read_reference(path: Path) -> tuple[dict[str, Tensor], str]:
+_GLOBAL_RE = re.compile(r"GLOBAL ([\w.]+)")
+
+
+def _read_reference(path: Path, *, trust: bool = False) -> tuple[dict[str, Tensor], str]:
     if not path.is_file():
         raise CheckpointError(f"{path}: no such file")
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        obj = torch.load(path, map_location="cpu", weights_only=not trust)
+    except pickle.UnpicklingError as e:
+        if trust or "Weights only load failed" not in str(e):
+            raise CheckpointError(
+                f"{path}: cannot read the checkpoint ({type(e).__name__}: {str(e)[:200]}); the file is "
+                "truncated, corrupt or not a PyTorch checkpoint"
+            ) from e
+        m = _GLOBAL_RE.search(str(e))
+        name = m.group(1) if m else None
+        raise UntrustedCheckpointError(
+            f"{path}: the file pickles Python objects"
+            + (f" ({name})" if name else "")
+            + " besides tensors, which a safe load (weights_only=True) refuses; if you trust "
+            "where the file comes from, pass --trust (trust=True) to load it unsafely",
+            name,
+        ) from e
     # Unpickling a corrupt file can raise almost any exception type; all mean "unreadable".
     except Exception as e:
         raise CheckpointError(
@@ -448,14 +488,26 @@ def infer_reference_config(state: Mapping[str, Tensor], where: str = "state dict
 
 
 def convert_reference_state_dict(
-    state: Mapping[str, Tensor], config: ModelConfig, report: ImportReport
+    state: Mapping[str, Tensor],
+    config: ModelConfig,
+    report: ImportReport,
+    *,
+    fold_type_embedding: bool | None = None,
 ) -> dict[str, Tensor]:
     """Map a dense reference state dict (SPEC §8.4 names) onto our keys, filling `report`.
 
     Handles the shared LayerNorm alias, the visual type embedding (folded into the conv bias for old-named
     files, ignored otherwise), the prompt-tuning extras, and rebuilds the sin-cos table when its grid
     differs from `config`.
+
+    Args:
+        state: reference tensors (new-code names).
+        config: the target architecture.
+        report: filled in place.
+        fold_type_embedding: add `video_embed.embeddings_type.weight[0]` to the conv bias; default: only
+            for old-named files (`report.naming == "old"`). The MoE import passes False.
     """
+    fold = report.naming == "old" if fold_type_embedding is None else fold_type_embedding
     sd = {k: v.to(torch.float32) if v.is_floating_point() else v for k, v in state.items()}
     out: dict[str, Tensor] = {}
     if (
@@ -479,9 +531,13 @@ def convert_reference_state_dict(
             report.ignored[key] = _DEAD_KEYS[key]
             continue
         elif key == "video_embed.embeddings_type.weight":
-            if report.naming == "old":
+            if fold:
                 report.folded_type_embedding = True
                 report.ignored[key] = "folded into the patch-conv bias (SPEC §8.3)"
+            elif report.moe:
+                report.ignored[key] = (
+                    "not added at runtime; the reference MoE converter does not fold it (SPEC §8.3)"
+                )
             else:
                 report.ignored[key] = (
                     "already folded into the patch-conv bias by the reference converter"
@@ -520,27 +576,35 @@ def load_reference_checkpoint(
     config: ModelConfig | None = None,
     strict: bool = True,
     device: str | torch.device = "cpu",
+    trust: bool = False,
 ) -> tuple[UniPerceiver, ImportReport]:
-    """Import a released dense reference checkpoint (`.pth`/`.pt`).
+    """Import a released reference checkpoint (`.pth`/`.pt`), dense or MoE.
+
+    MoE files (`gate.*` / `experts.*` tensors, new or DeepSpeed-era names) are converted by
+    `uniperceiver_cli.model.moe.released`.
 
     Args:
         path: the file.
         config: architecture to load into; default inferred from the file.
         strict: fail on unknown keys or on model tensors the file lacks.
         device: where to put the model.
+        trust: allow arbitrary pickled objects (`weights_only=False`); only for files you trust.
 
     Returns:
         The model (eval mode) and the `ImportReport`.
 
     Raises:
-        CheckpointError: unreadable file, unknown layout, MoE checkpoint, shape or key mismatch.
+        UntrustedCheckpointError: the file needs `trust=True`.
+        CheckpointError: unreadable file, unknown layout, shape or key mismatch.
     """
     p = Path(path)
-    state, layout = _read_reference(p)
+    state, layout = _read_reference(p, trust=trust)
     keys = list(state)
     if _is_moe(keys):
-        raise CheckpointError(
-            f"{p}: this is an MoE checkpoint (gate/experts tensors); import it with the MoE package"
+        from uniperceiver_cli.model.moe.released import load_reference_moe_state
+
+        return load_reference_moe_state(
+            state, layout, p, config=config, strict=strict, device=device
         )
     naming = "dense"
     if any(k.startswith(("encoder.", "predictor.")) or "attention.self" in k for k in keys):
