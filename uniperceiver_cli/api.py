@@ -60,7 +60,9 @@ def resolve_checkpoint(path: str | os.PathLike[str]) -> Path:
                 f"{latest} names {name!r}, but {target} is not a folder; the run folder is incomplete"
             )
         return target
-    if (p / CONFIG_FILE).is_file() and ((p / WEIGHTS_FILE).is_file() or (p / PROMPT_DELTA_META).is_file()):
+    if (p / CONFIG_FILE).is_file() and (
+        (p / WEIGHTS_FILE).is_file() or (p / PROMPT_DELTA_META).is_file()
+    ):
         return p
     raise CheckpointError(
         f"{p}: not a run folder (no checkpoints/LATEST) and not a checkpoint folder "

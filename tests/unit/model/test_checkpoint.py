@@ -144,7 +144,7 @@ def test_missing_file(tmp_path: Path) -> None:
         load_reference_checkpoint(tmp_path / "nope.pth")
 
 
-def test_moe_checkpoint_is_refused(tmp_path: Path, official_tiny: Path) -> None:
+def test_moe_like_file_without_experts_is_rejected(tmp_path: Path, official_tiny: Path) -> None:
     sd = dense_state(official_tiny)
     sd["fused_encoder.layers.0.linear1.gate.wg.weight"] = torch.zeros(4, 64)
     path = tmp_path / "moe.pth"
