@@ -1,8 +1,9 @@
 """Data engine: readers of on-disk formats, video sources, transforms, the toy world, target sets,
 the multi-task sampler and typed batches.
 
-Importing this package does not import torch; the torch-free parts are `errors` (`DataError`) and
-`options` (one frozen options dataclass per recipe data format). Everything else lives in submodules
+Importing this package does not import torch; the torch-free parts are `errors` (`DataError`),
+`options` (one frozen options dataclass per recipe data format) and `health` (the bad-data
+accounting). Everything else lives in submodules
 that import torch on use.
 """
 

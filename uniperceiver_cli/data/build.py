@@ -20,6 +20,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset
 
 from uniperceiver_cli.data.formats.captions import CaptionMode
+from uniperceiver_cli.data.health import DEFAULT_MAX_BAD_FRACTION, BadDataMonitor
 from uniperceiver_cli.data.options import (
     CocoCaptionsOptions,
     DataOptions,
@@ -55,7 +56,7 @@ logger = logging.getLogger(__name__)
 VIDEO_TASKS = frozenset({"video_classification", "video_caption", "video_retrieval"})
 IMAGE_TASKS = frozenset({"image_classification", "image_caption", "image_retrieval", "vqa"})
 
-#: Reader formats each task type can read (mirrors the recipe's FORMATS_FOR_TASK, minus VQA).
+#: Reader formats each task type can read (mirrors the recipe's FORMATS_FOR_TASK).
 FORMATS_FOR_TASK: dict[str, frozenset[str]] = {
     "image_classification": frozenset({"image_folder", "imagenet_list", "toy"}),
     "video_classification": frozenset({"video_classification", "toy"}),
@@ -65,6 +66,7 @@ FORMATS_FOR_TASK: dict[str, frozenset[str]] = {
     "video_retrieval": frozenset({"video_captions", "toy"}),
     "mlm": frozenset({"text_corpus", "toy"}),
     "text_classification": frozenset({"glue_tsv", "toy"}),
+    "vqa": frozenset({"jsonl_pairs", "toy"}),
 }
 
 
@@ -168,6 +170,17 @@ def build_dataset(
             max_text_len=max_text_len,
             caption_mode=caption_mode,
         )
+    if isinstance(options, JsonlPairsOptions) and task_type == "vqa":
+        from uniperceiver_cli.data.formats.vqa import VQADataset
+
+        return VQADataset(
+            options,
+            split=split,
+            transform=transform,
+            tokenizer=tokenizer,
+            train=is_train,
+            **text_len,
+        )
     if isinstance(options, JsonlPairsOptions):
         from uniperceiver_cli.data.formats.jsonl_pairs import JsonlPairsDataset
 
@@ -235,6 +248,23 @@ def build_dataset(
             **text_len,
         )
     raise TypeError(f"expected data options, found {type(options).__name__}")
+
+
+def bad_data_monitor(dataset: Dataset[Any], name: str | None = None) -> BadDataMonitor:
+    """A main-process `BadDataMonitor` for a reader, with its `max_bad_fraction` and size.
+
+    Map-style readers are judged on distinct broken items against their length; streams on the
+    broken fraction of the records read.
+    """
+    fraction = float(getattr(dataset, "max_bad_fraction", DEFAULT_MAX_BAD_FRACTION))
+    if isinstance(dataset, IterableDataset):
+        options = getattr(dataset, "options", None)
+        fraction = float(getattr(options, "max_bad_fraction", fraction))
+        size = None
+    else:
+        size = len(dataset)  # type: ignore[arg-type]
+    label = name or str(getattr(dataset, "source", type(dataset).__name__))
+    return BadDataMonitor(label, max_bad_fraction=fraction, dataset_size=size)
 
 
 def seed_worker(worker_id: int) -> None:
@@ -333,14 +363,30 @@ class SubsetDataset(Dataset[Any]):
 def data_fraction_subset(dataset: Dataset[Any], fraction: float, *, seed: int = 0) -> SubsetDataset:
     """The prompt-tuning data fraction (SPEC §5.2), drawn with one seed for all ranks.
 
-    Readers with `labels` keep `int(fraction·n_c) + 1` samples per class (stratified); others keep
-    `max(1, int(fraction·N))` random samples.
+    The draw depends only on `seed` and the dataset (its own generator; not the global RNG, not
+    the rank), so every rank trains on the same subset (the reference draws one per GPU).
+
+    * Readers with `labels` (classification, GLUE, VQA) keep `int(fraction·n_c) + 1` samples of
+      every class c (stratified).
+    * Caption readers serving flattened (item, caption) pairs keep `max(1, int(fraction·N_items))`
+      images or videos with all their pairs (per image).
+    * Others (captions in `random`/`all` mode: one sample per image; MLM) keep
+      `max(1, int(fraction·N))` random samples.
     """
     if not 0 < fraction <= 1:
         raise ValueError(f"expected 0 < fraction <= 1, found {fraction}")
     g = torch.Generator().manual_seed(mix_seed(seed, 55))
     n = len(dataset)  # type: ignore[arg-type]
     labels: list[int] | None = getattr(dataset, "labels", None)
+    item_of: Callable[[int], int] | None = getattr(dataset, "item_of", None)
+    if labels is None and item_of is not None and getattr(dataset, "caption_mode", "") == "pairs":
+        by_item: dict[int, list[int]] = {}
+        for position in range(n):
+            by_item.setdefault(item_of(position), []).append(position)
+        items = sorted(by_item)
+        take_items = max(1, math.floor(fraction * len(items)))
+        chosen = torch.randperm(len(items), generator=g)[:take_items]
+        return SubsetDataset(dataset, sorted(p for j in chosen for p in by_item[items[int(j)]]))
     if labels is not None:
         by_class: dict[int, list[int]] = {}
         for i, lab in enumerate(labels):
@@ -363,10 +409,15 @@ class MultiTaskStream:
     task has consumed on this rank; on resume, rebuild every loader with
     `build_loader(..., position=state["consumed"][task])` and call `load_state_dict(state)`.
 
+    Bad data: give `monitors` (task name → `BadDataMonitor`, see `bad_data_monitor`) and every
+    batch is accounted in the main process, so broken files skipped by DataLoader workers are
+    counted, named and held to `max_bad_fraction`.
+
     Args:
         loaders: task name → endless training loader (from `build_loader(train=True)`).
         sampler: the task sampler (same seed on every rank).
         batch_sizes: task name → samples per batch on this rank.
+        monitors: task name → bad-data monitor (optional).
     """
 
     def __init__(
@@ -374,6 +425,7 @@ class MultiTaskStream:
         loaders: Mapping[str, Iterable[Any]],
         sampler: TaskSampler,
         batch_sizes: Mapping[str, int],
+        monitors: Mapping[str, BadDataMonitor] | None = None,
     ) -> None:
         missing = sorted(set(sampler.tasks) - set(loaders))
         if missing:
@@ -382,6 +434,7 @@ class MultiTaskStream:
         self.sampler = sampler
         self.batch_sizes = dict(batch_sizes)
         self.consumed: dict[str, int] = dict.fromkeys(sampler.tasks, 0)
+        self.monitors: dict[str, BadDataMonitor] = dict(monitors or {})
         self._iters: dict[str, Iterator[Any]] = {}
 
     def __iter__(self) -> Iterator[tuple[str, Any]]:
@@ -393,7 +446,14 @@ class MultiTaskStream:
             self._iters[task] = iter(self.loaders[task])
         batch = next(self._iters[task])
         self.consumed[task] += self.batch_sizes[task]
+        if task in self.monitors:
+            self.monitors[task].update(batch)
         return task, batch
+
+    def log_bad_data_summary(self) -> None:
+        """Log each monitored task's bad-data summary (call at the end of training)."""
+        for monitor in self.monitors.values():
+            monitor.log_summary()
 
     def state_dict(self) -> dict[str, Any]:
         """Sampler state plus samples consumed per task (JSON-serialisable)."""

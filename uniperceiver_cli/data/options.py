@@ -29,11 +29,21 @@ class CommonOptions:
         max_samples: read at most this many samples; None reads all.
         on_error: `raise` stops at the first corrupt record or media file with a `DataError` naming
             it; `skip` logs a warning, counts it and serves another sample instead.
+        max_bad_fraction: with `on_error: skip`, the run stops with a `DataError` once more than
+            this fraction of the items (0..1) turned out broken (see `uniperceiver_cli.data.health`).
     """
 
     split: str = "train"
     max_samples: int | None = None
     on_error: OnError = "raise"
+    max_bad_fraction: float = 0.01
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.max_bad_fraction <= 1.0:
+            raise ValueError(
+                "expected max_bad_fraction between 0 and 1 (e.g. 0.01 for 1%), found "
+                f"{self.max_bad_fraction}"
+            )
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -105,6 +115,13 @@ class JsonlPairsOptions(CommonOptions):
         caption_key: key of the caption: a string or a list of caption strings.
         caption_words: the caption value is one caption given as a list of words (CC3M style):
             words are joined by spaces and "." is appended when the last character is alphanumeric.
+        question_key: VQA: key of the question (records `{"image", "question", "answers",
+            "scores"}`).
+        answers_key: VQA: key of the list of answers (repeats allowed: one per annotator).
+        scores_key: VQA: key of the soft score of each answer; absent = `min(1, count / 3)`
+            per distinct answer.
+        answers_file: VQA: the answer vocabulary, one answer per line (the target set); default:
+            the distinct answers of the file, most frequent first.
     """
 
     file: str
@@ -112,6 +129,10 @@ class JsonlPairsOptions(CommonOptions):
     image_key: str = "image"
     caption_key: str = "caption"
     caption_words: bool = False
+    question_key: str = "question"
+    answers_key: str = "answers"
+    scores_key: str = "scores"
+    answers_file: str | None = None
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -120,7 +141,8 @@ class WebDatasetOptions(CommonOptions):
 
     Attributes:
         shards: a glob (`shards/*.tar`) or a brace range (`shards/{00000..00099}.tar`).
-        caption_key: member holding the caption: `txt` (plain text) or `json` (its `caption` field).
+        caption_key: member holding the caption: `txt` (plain text) or `json` (its `captions` list
+            when present, else its `caption` field).
         shuffle_buffer: samples kept in the streaming shuffle buffer (training only).
     """
 

@@ -8,11 +8,16 @@ One sample/batch pair per task family:
 | visual + text | `VisualTextSample` | `VisualTextBatch` | image/video caption and retrieval |
 | masked language modelling | `MLMSample` | `MLMBatch` | mlm |
 | cloze text classification | `TextClassificationSample` | `TextClassificationBatch` | GLUE |
+| visual question answering | `VQASample` | `VQABatch` | vqa |
 
 Pixel layouts: an image is `(3, S, S)`; a clip `(T, 3, S, S)`; an evaluation video with several
 views `(V, T, 3, S, S)` (V = temporal views × spatial crops). Batches add a leading `B`. Text is
 int64 token ids padded with 0, with a boolean `padding` mask (True = padding). Token targets use -1
 for "no target".
+
+Every sample and batch has a `skipped` field: the broken items a reader skipped (with
+`on_error: skip`) before serving it, so bad-data counts travel with the batches from DataLoader
+workers to the main process (`uniperceiver_cli.data.health.BadDataMonitor`).
 """
 
 from __future__ import annotations
@@ -24,6 +29,8 @@ from typing import Any, Literal, TypeVar, cast
 
 import torch
 from torch import Tensor
+
+from uniperceiver_cli.data.health import SkippedItem
 
 VisualModality = Literal["image", "video"]
 
@@ -62,11 +69,13 @@ class ClassificationSample:
         pixels: `(3, S, S)` image, `(T, 3, S, S)` clip, or `(V, T, 3, S, S)` evaluation views; float.
         label: class index.
         index: position of the sample in its dataset.
+        skipped: broken items skipped before this sample was served.
     """
 
     pixels: Tensor
     label: int
     index: int
+    skipped: tuple[SkippedItem, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -82,6 +91,7 @@ class VisualTextSample:
         captions: the raw served captions, aligned with `text_ids`.
         item_id: id of the image or video in its annotation file (COCO `image_id`).
         index: position of the sample in its dataset.
+        skipped: broken items skipped before this sample was served.
     """
 
     pixels: Tensor
@@ -89,6 +99,7 @@ class VisualTextSample:
     captions: tuple[str, ...]
     item_id: int | str
     index: int
+    skipped: tuple[SkippedItem, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -99,11 +110,13 @@ class MLMSample:
         ids: `(n,)` int64 corrupted token ids (masked words are SPE, random or unchanged).
         labels: `(n,)` int64 original ids at the sub-tokens of selected words, -1 elsewhere.
         index: position of the sample in its dataset.
+        skipped: broken items skipped before this sample was served.
     """
 
     ids: Tensor
     labels: Tensor
     index: int
+    skipped: tuple[SkippedItem, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -115,12 +128,49 @@ class TextClassificationSample:
         slot: position of the SPE slot whose output is compared with the label words.
         label: class index (order of the label words).
         index: position of the sample in its dataset.
+        skipped: broken items skipped before this sample was served.
     """
 
     ids: Tensor
     slot: int
     label: int
     index: int
+    skipped: tuple[SkippedItem, ...] = ()
+
+
+@dataclass(frozen=True)
+class VQASample:
+    """One image with a question and its soft-scored answers (SPEC §1.10.6).
+
+    The text is `question tokens + [SPE, EOT]`: the model's output at the SPE slot is compared
+    with the encoded answer vocabulary (`targets.answer_targets`).
+
+    Attributes:
+        pixels: `(3, S, S)` float image.
+        ids: `(n,)` int64 question ids followed by SPE and EOT.
+        slot: position of the SPE slot in `ids` (n - 2).
+        question: the raw question (after any left/right swap of a training flip).
+        answers: the distinct answers given for the question.
+        scores: soft score of each answer in [0, 1], aligned with `answers`.
+        answer_labels: index of each answer in the answer vocabulary, -1 when absent from it.
+        target: training target: an answer-vocabulary index drawn in proportion to the scores of
+            the answers in the vocabulary (-1 when none is).
+        item_id: question id (or record index).
+        index: position of the sample in its dataset.
+        skipped: broken items skipped before this sample was served.
+    """
+
+    pixels: Tensor
+    ids: Tensor
+    slot: int
+    question: str
+    answers: tuple[str, ...]
+    scores: tuple[float, ...]
+    answer_labels: tuple[int, ...]
+    target: int
+    item_id: int | str
+    index: int
+    skipped: tuple[SkippedItem, ...] = ()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -137,6 +187,7 @@ class ClassificationBatch(_TensorBatch):
         indices: `(B,)` int64 dataset positions.
         modality: `image` or `video`.
         soft_labels: `(B, C)` float soft targets after Mixup/CutMix, else None.
+        skipped: broken items the readers skipped while serving this batch.
     """
 
     pixels: Tensor
@@ -144,6 +195,7 @@ class ClassificationBatch(_TensorBatch):
     indices: Tensor
     modality: VisualModality
     soft_labels: Tensor | None = None
+    skipped: tuple[SkippedItem, ...] = ()
 
     @property
     def batch_size(self) -> int:
@@ -172,6 +224,7 @@ class VisualTextBatch(_TensorBatch):
         item_ids: B annotation ids of the items (COCO `image_id`).
         captions: M raw captions aligned with `text_ids`.
         modality: `image` or `video`.
+        skipped: broken items the readers skipped while serving this batch.
     """
 
     pixels: Tensor
@@ -182,6 +235,7 @@ class VisualTextBatch(_TensorBatch):
     item_ids: tuple[int | str, ...]
     captions: tuple[str, ...]
     modality: VisualModality
+    skipped: tuple[SkippedItem, ...] = ()
 
     @property
     def batch_size(self) -> int:
@@ -198,12 +252,14 @@ class MLMBatch(_TensorBatch):
         padding: `(B, L)` bool, True at padding.
         labels: `(B, L)` int64 original ids at masked sub-tokens, -1 elsewhere (and at padding).
         indices: `(B,)` int64 dataset positions.
+        skipped: broken items the readers skipped while serving this batch.
     """
 
     ids: Tensor
     padding: Tensor
     labels: Tensor
     indices: Tensor
+    skipped: tuple[SkippedItem, ...] = ()
 
     @property
     def batch_size(self) -> int:
@@ -221,6 +277,7 @@ class TextClassificationBatch(_TensorBatch):
         slots: `(B,)` int64 position of each sequence's SPE slot.
         labels: `(B,)` int64 class indices.
         indices: `(B,)` int64 dataset positions.
+        skipped: broken items the readers skipped while serving this batch.
     """
 
     ids: Tensor
@@ -228,6 +285,7 @@ class TextClassificationBatch(_TensorBatch):
     slots: Tensor
     labels: Tensor
     indices: Tensor
+    skipped: tuple[SkippedItem, ...] = ()
 
     @property
     def batch_size(self) -> int:
@@ -235,7 +293,54 @@ class TextClassificationBatch(_TensorBatch):
         return int(self.ids.shape[0])
 
 
-Batch = ClassificationBatch | VisualTextBatch | MLMBatch | TextClassificationBatch
+@dataclass(frozen=True)
+class VQABatch(_TensorBatch):
+    """A batch of images with questions and soft-scored answers.
+
+    Attributes:
+        pixels: `(B, 3, S, S)` images.
+        ids: `(B, L)` int64 question ids + SPE + EOT, padded with 0.
+        padding: `(B, L)` bool, True at padding.
+        slots: `(B,)` int64 position of each sequence's SPE slot.
+        targets: `(B,)` int64 sampled training answer index (-1 = no answer in the vocabulary).
+        answer_labels: `(B, A)` int64 answer-vocabulary index of each given answer, -1 at padding
+            and for answers outside the vocabulary.
+        answer_scores: `(B, A)` float soft score of each given answer (0 at padding).
+        indices: `(B,)` int64 dataset positions.
+        item_ids: B question ids.
+        questions: B raw questions.
+        answers: per sample, the distinct answers given.
+        skipped: broken items the readers skipped while serving this batch.
+    """
+
+    pixels: Tensor
+    ids: Tensor
+    padding: Tensor
+    slots: Tensor
+    targets: Tensor
+    answer_labels: Tensor
+    answer_scores: Tensor
+    indices: Tensor
+    item_ids: tuple[int | str, ...]
+    questions: tuple[str, ...]
+    answers: tuple[tuple[str, ...], ...]
+    skipped: tuple[SkippedItem, ...] = ()
+
+    @property
+    def batch_size(self) -> int:
+        """Number of questions B."""
+        return int(self.ids.shape[0])
+
+    def soft_scores(self, num_answers: int) -> Tensor:
+        """Dense `(B, num_answers)` float soft scores over the answer vocabulary (VQA accuracy)."""
+        dense = torch.zeros(self.batch_size, num_answers, dtype=torch.float32)
+        valid = self.answer_labels >= 0
+        rows = torch.arange(self.batch_size).unsqueeze(1).expand_as(self.answer_labels)
+        dense[rows[valid], self.answer_labels[valid]] = self.answer_scores[valid].float()
+        return dense
+
+
+Batch = ClassificationBatch | VisualTextBatch | MLMBatch | TextClassificationBatch | VQABatch
 
 
 # ----------------------------------------------------------------------------------------------
@@ -262,6 +367,10 @@ def pad_sequences(seqs: Sequence[Tensor], *, pad_value: int = 0) -> tuple[Tensor
     return ids, padding
 
 
+def _skipped(samples: Sequence[Any]) -> tuple[SkippedItem, ...]:
+    return tuple(item for s in samples for item in getattr(s, "skipped", ()))
+
+
 def _modality(pixels: Tensor) -> VisualModality:
     return "image" if pixels.ndim == 3 else "video"
 
@@ -286,6 +395,7 @@ def collate_classification(samples: Sequence[ClassificationSample]) -> Classific
         labels=torch.tensor([s.label for s in samples], dtype=torch.int64),
         indices=torch.tensor([s.index for s in samples], dtype=torch.int64),
         modality=_modality(samples[0].pixels),
+        skipped=_skipped(samples),
     )
 
 
@@ -311,6 +421,7 @@ def collate_visual_text(samples: Sequence[VisualTextSample]) -> VisualTextBatch:
         item_ids=tuple(s.item_id for s in samples),
         captions=tuple(captions),
         modality=_modality(samples[0].pixels),
+        skipped=_skipped(samples),
     )
 
 
@@ -325,6 +436,7 @@ def collate_mlm(samples: Sequence[MLMSample]) -> MLMBatch:
         padding=padding,
         labels=labels,
         indices=torch.tensor([s.index for s in samples], dtype=torch.int64),
+        skipped=_skipped(samples),
     )
 
 
@@ -341,10 +453,45 @@ def collate_text_classification(
         slots=torch.tensor([s.slot for s in samples], dtype=torch.int64),
         labels=torch.tensor([s.label for s in samples], dtype=torch.int64),
         indices=torch.tensor([s.index for s in samples], dtype=torch.int64),
+        skipped=_skipped(samples),
     )
 
 
-Sample = ClassificationSample | VisualTextSample | MLMSample | TextClassificationSample
+def collate_vqa(samples: Sequence[VQASample]) -> VQABatch:
+    """Stack VQA samples into a `VQABatch` (answers padded with label -1 and score 0)."""
+    if not samples:
+        raise ValueError("expected at least one sample to collate, found none")
+    shapes = {tuple(s.pixels.shape) for s in samples}
+    if len(shapes) != 1:
+        raise ValueError(
+            f"expected samples with one pixel shape per batch, found {sorted(shapes)}; "
+            "use the same transform (image size) for every sample"
+        )
+    ids, padding = pad_sequences([s.ids for s in samples])
+    width = max([len(s.answers) for s in samples] + [1])
+    labels = torch.full((len(samples), width), -1, dtype=torch.int64)
+    scores = torch.zeros((len(samples), width), dtype=torch.float32)
+    for b, s in enumerate(samples):
+        n = len(s.answers)
+        labels[b, :n] = torch.tensor(s.answer_labels, dtype=torch.int64)
+        scores[b, :n] = torch.tensor(s.scores, dtype=torch.float32)
+    return VQABatch(
+        pixels=torch.stack([s.pixels for s in samples]),
+        ids=ids,
+        padding=padding,
+        slots=torch.tensor([s.slot for s in samples], dtype=torch.int64),
+        targets=torch.tensor([s.target for s in samples], dtype=torch.int64),
+        answer_labels=labels,
+        answer_scores=scores,
+        indices=torch.tensor([s.index for s in samples], dtype=torch.int64),
+        item_ids=tuple(s.item_id for s in samples),
+        questions=tuple(s.question for s in samples),
+        answers=tuple(s.answers for s in samples),
+        skipped=_skipped(samples),
+    )
+
+
+Sample = ClassificationSample | VisualTextSample | MLMSample | TextClassificationSample | VQASample
 
 
 def collate(samples: Sequence[Sample]) -> Batch:
@@ -360,4 +507,6 @@ def collate(samples: Sequence[Sample]) -> Batch:
         return collate_mlm(samples)  # type: ignore[arg-type]
     if isinstance(first, TextClassificationSample):
         return collate_text_classification(samples)  # type: ignore[arg-type]
+    if isinstance(first, VQASample):
+        return collate_vqa(samples)  # type: ignore[arg-type]
     raise TypeError(f"expected a data sample dataclass, found {type(first).__name__}")

@@ -8,7 +8,8 @@ mask (True = padding); no prompt template is used unless one is given.
   evaluation choice, `variants` returns all of them with their owner class (for averaging).
 * `vocabulary_targets`: the word vocabulary `[v, EOT]` for every id `v` (captioning, MLM);
   `restricted_vocabulary_targets` keeps only the ids of a word list (a cheaper caption head).
-* `caption_targets` / `label_word_targets`: per-batch captions and GLUE label words.
+* `caption_targets` / `label_word_targets` / `answer_targets`: per-batch captions, GLUE label
+  words and the VQA answer vocabulary.
 * `TargetSetCache`: memoises built sets in memory and optionally on disk, keyed by their content.
 """
 
@@ -19,6 +20,7 @@ import hashlib
 import json
 import logging
 import math
+from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -319,6 +321,34 @@ def label_word_targets(
 ) -> TargetSet:
     """Encode GLUE-style label words (kind `labels`)."""
     ids, padding = encode_texts(words, tokenizer or default_tokenizer())
+    return TargetSet(name, "labels", ids, padding)
+
+
+#: Name of the VQA answer set in the reference configs.
+VQA_ANSWER_NAME = "VQA_Answer"
+
+
+def answer_targets(
+    answers: Sequence[str],
+    *,
+    tokenizer: TextTokenizer | None = None,
+    name: str = VQA_ANSWER_NAME,
+    max_len: int | None = None,
+) -> TargetSet:
+    """Encode a VQA answer vocabulary (`[answer tokens, EOT]` each; kind `labels`, SPEC §1.10.6).
+
+    Row k stands for answer k, the index used by `VQASample.answer_labels` and `target`.
+
+    Raises:
+        ValueError: an empty vocabulary or duplicate answers.
+    """
+    if not answers:
+        raise ValueError(f"target set {name!r}: expected at least one answer, found none")
+    counts = Counter(answers)
+    dupes = sorted(a for a, c in counts.items() if c > 1)
+    if dupes:
+        raise ValueError(f"target set {name!r}: answers must be unique, found repeats {dupes[:5]}")
+    ids, padding = encode_texts(list(answers), tokenizer or default_tokenizer(), max_len)
     return TargetSet(name, "labels", ids, padding)
 
 

@@ -9,7 +9,7 @@ retrieve toy videos zero-shot. The text corpus uses the same language.
 
 `ToyWorld` serves items in memory (the `toy` data format and unit tests); `write_toy_world` writes
 the world in the real on-disk formats (ImageFolder, COCO caption JSON, Karpathy JSON, JSON lines,
-WebDataset shards, Kinetics-style mp4 + annotation.json + CSV, MSVD-style caption JSON, a text
+VQA JSON lines, WebDataset shards, Kinetics-style mp4 + annotation.json + CSV, MSVD-style caption JSON, a text
 corpus) so demos and tests go through the real readers.
 """
 
@@ -83,8 +83,11 @@ _VIDEO_TEMPLATES = (
     "the {shape} is {colour} and moves {direction}",
 )
 _SPLIT_CODES = {"train": 0, "val": 1, "test": 2}
-_KIND_CODES = {"image": 11, "video": 12, "text": 13, "pair": 14}
-Kind = Literal["image", "video", "text", "pair"]
+_KIND_CODES = {"image": 11, "video": 12, "text": 13, "pair": 14, "vqa": 15}
+Kind = Literal["image", "video", "text", "pair", "vqa"]
+
+#: Answer vocabulary of the toy VQA task: shapes, colours, sizes, positions, yes/no.
+VQA_ANSWERS: tuple[str, ...] = (*SHAPES, *COLOURS, *SIZES, *POSITIONS, "yes", "no")
 
 
 def _split_code(split: str) -> int:
@@ -132,6 +135,16 @@ class ToyPair:
     first: str
     second: str
     label: int
+
+
+@dataclass(frozen=True)
+class ToyQuestion:
+    """A toy VQA question about image `index` of a split (the image of `ToyWorld.image`)."""
+
+    question: str
+    answers: tuple[str, ...]
+    scores: tuple[float, ...]
+    kind: str
 
 
 def _background(rng: np.random.Generator, kind: str, size: int, avoid: np.ndarray) -> np.ndarray:
@@ -226,6 +239,11 @@ class ToyWorld:
     def pair_label_words(self) -> tuple[str, ...]:
         """Label words of the toy sentence-pair task, in class order."""
         return ("no", "yes")
+
+    @property
+    def vqa_answers(self) -> tuple[str, ...]:
+        """Answer vocabulary of the toy VQA task (shape, colour, size, position, yes/no)."""
+        return VQA_ANSWERS
 
     def _rng(self, kind: Kind, split: str, index: int) -> np.random.Generator:
         return np.random.default_rng([self.seed, _split_code(split), _KIND_CODES[kind], index])
@@ -349,6 +367,36 @@ class ToyWorld:
             second = f"the {shape} is {other_size}"
         return ToyPair(first, second, label)
 
+    def vqa(self, index: int, split: str = "train") -> ToyQuestion:
+        """VQA question `index`: about the shape, colour, size or position of image `index`."""
+        scene = self.image_scene(index, split)
+        rng = self._rng("vqa", split, index)
+        kind = ("shape", "colour", "size", "where", "exists", "side")[int(rng.integers(6))]
+        if kind == "shape":
+            question, answer = "what shape is in the picture?", scene.shape
+        elif kind == "colour":
+            question, answer = f"what colour is the {scene.shape}?", scene.colour
+        elif kind == "size":
+            question, answer = f"is the {scene.shape} small or large?", scene.size
+        elif kind == "where":
+            question, answer = f"where is the {scene.colour} {scene.shape}?", scene.position
+        elif kind == "exists":
+            colours = list(COLOURS)
+            truth = bool(rng.integers(2))
+            colour = (
+                scene.colour
+                if truth
+                else colours[
+                    (colours.index(scene.colour) + 1 + int(rng.integers(5))) % len(colours)
+                ]
+            )
+            question, answer = f"is there a {colour} {scene.shape}?", "yes" if truth else "no"
+        else:
+            side = ("left", "right")[int(rng.integers(2))]
+            question = f"is the {scene.shape} on the {side}?"
+            answer = "yes" if scene.position == side else "no"
+        return ToyQuestion(question, (answer,), (1.0,), kind)
+
 
 # ---------------------------------------------------------------------------------------------
 # writing the toy world to disk
@@ -395,13 +443,35 @@ def _encode_png(pixels: Tensor) -> bytes:
     return bytes(encode_png(pixels).numpy().tobytes())
 
 
-def encode_mp4(frames: Tensor, path: Path, fps: float) -> None:
-    """Write `(T, 3, H, W)` uint8 frames as an H.264 mp4 (TorchCodec, else PyAV)."""
+def encode_mp4(
+    frames: Tensor,
+    path: Path,
+    fps: float,
+    *,
+    crf: int = 0,
+    pixel_format: str = "yuv444p",
+) -> None:
+    """Write `(T, 3, H, W)` uint8 frames as an H.264 mp4 (TorchCodec, else PyAV).
+
+    The defaults (full-resolution chroma, constant rate factor 0 = lossless in YUV) keep the
+    decoded frames within a few grey levels of `frames` (only the RGB/YUV rounding remains), so
+    the on-disk toy videos match the in-memory ones; `crf=18, pixel_format="yuv420p"` gives
+    the usual lossy web-video settings instead.
+
+    Args:
+        frames: `(T, 3, H, W)` uint8, H and W even.
+        path: the mp4 to write (parent folders are created).
+        fps: frame rate.
+        crf: x264 constant rate factor (0 = lossless, 18 = visually lossless, 23 = default).
+        pixel_format: `yuv444p` (full chroma) or `yuv420p` (subsampled chroma).
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
     try:
         from torchcodec.encoders import VideoEncoder
 
-        VideoEncoder(frames, frame_rate=fps).to_file(str(path), codec="libx264", crf=18)
+        VideoEncoder(frames, frame_rate=fps).to_file(
+            str(path), codec="libx264", crf=crf, pixel_format=pixel_format
+        )
         return
     except (ImportError, RuntimeError) as exc:
         logger.debug("TorchCodec cannot encode %s (%s); using PyAV", path, exc)
@@ -410,8 +480,8 @@ def encode_mp4(frames: Tensor, path: Path, fps: float) -> None:
     with av.open(str(path), mode="w") as container:
         stream = container.add_stream("libx264", rate=round(fps))
         stream.height, stream.width = int(frames.shape[2]), int(frames.shape[3])
-        stream.pix_fmt = "yuv420p"
-        stream.options = {"crf": "18"}
+        stream.pix_fmt = pixel_format
+        stream.options = {"crf": str(crf)}
         for frame in frames:
             vf = av.VideoFrame.from_ndarray(frame.permute(1, 2, 0).numpy(), format="rgb24")
             for packet in stream.encode(vf):
@@ -453,6 +523,9 @@ def write_toy_world(
     * `captions/captions_<split>.json` COCO-style JSON (`file_path` = `<split>/<shape>`, relative
       to `images/`) [`captions_<split>`]; `captions/dataset_toy.json` Karpathy JSON [`karpathy`];
       `captions/<split>.jsonl` JSON lines `{"image", "caption": [...]}` [`jsonl_<split>`];
+    * `vqa/<split>.jsonl` VQA JSON lines `{"question_id", "image", "question", "answers",
+      "scores"}` about the same images (image paths relative to `images/`) [`vqa_<split>`],
+      `vqa/answers.txt` the answer vocabulary [`vqa_answers`];
     * `shards/train-<k>.tar` img2dataset-style WebDataset shards of the train images (`.png`,
       `.txt` first caption, `.json` all captions) [`shards`];
     * `videos/<subset>/<motion_label>/<name>.mp4` with subset `training`/`validation`/`testing`,
@@ -494,12 +567,17 @@ def write_toy_world(
     (img_root / "classes.txt").write_text("\n".join(SHAPES) + "\n")
     paths["images"] = img_root
     paths["image_classes"] = img_root / "classes.txt"
+    vqa_root = root / "vqa"
+    vqa_root.mkdir(parents=True, exist_ok=True)
+    (vqa_root / "answers.txt").write_text("\n".join(world.vqa_answers) + "\n")
+    paths["vqa_answers"] = vqa_root / "answers.txt"
     karpathy_images: list[dict[str, object]] = []
     train_records: list[tuple[str, bytes, tuple[str, ...]]] = []
     next_id = 0
     for split, count in image_counts.items():
         coco_items: list[tuple[int, str, str, tuple[str, ...]]] = []
         jsonl_lines: list[str] = []
+        vqa_lines: list[str] = []
         for i in range(count):
             pixels, scene = world.image(i, split)
             rel_dir = f"{split}/{scene.shape}"
@@ -510,6 +588,18 @@ def write_toy_world(
             coco_items.append((next_id, rel_dir, name, scene.captions))
             jsonl_lines.append(
                 json.dumps({"image": f"{rel_dir}/{name}", "caption": list(scene.captions)})
+            )
+            question = world.vqa(i, split)
+            vqa_lines.append(
+                json.dumps(
+                    {
+                        "question_id": next_id,
+                        "image": f"{rel_dir}/{name}",
+                        "question": question.question,
+                        "answers": list(question.answers),
+                        "scores": list(question.scores),
+                    }
+                )
             )
             karpathy_images.append(
                 {
@@ -529,6 +619,9 @@ def write_toy_world(
         jsonl = cap_root / f"{split}.jsonl"
         jsonl.write_text("\n".join(jsonl_lines) + ("\n" if jsonl_lines else ""))
         paths[f"jsonl_{split}"] = jsonl
+        vqa = vqa_root / f"{split}.jsonl"
+        vqa.write_text("\n".join(vqa_lines) + ("\n" if vqa_lines else ""))
+        paths[f"vqa_{split}"] = vqa
     karpathy = cap_root / "dataset_toy.json"
     karpathy.write_text(json.dumps({"dataset": "toy", "images": karpathy_images}))
     paths["karpathy"] = karpathy

@@ -26,6 +26,13 @@ class _DataBase(Section):
         description="What a corrupt record or media file does: stop with an error naming it, or "
         "skip it and count it in the run log.",
     )
+    max_bad_fraction: float = Field(
+        0.01,
+        ge=0.0,
+        le=1.0,
+        description="With on_error: skip, stop the run once more than this fraction of the items (0..1) "
+        "turned out broken (corrupt, truncated, missing or undecodable).",
+    )
 
 
 class ImageFolderData(_DataBase):
@@ -82,6 +89,20 @@ class JsonlPairsData(_DataBase):
     image_key: str = Field("image", description="Key of the image path in each record.")
     caption_key: str = Field(
         "caption", description="Key of the caption (string or list of strings)."
+    )
+    caption_words: bool = Field(
+        False, description="The caption value is one caption given as a list of words (CC3M style)."
+    )
+    question_key: str = Field("question", description="VQA: key of the question.")
+    answers_key: str = Field(
+        "answers", description="VQA: key of the answers list (one per annotator, repeats allowed)."
+    )
+    scores_key: str = Field(
+        "scores", description="VQA: key of the per-answer soft scores in [0, 1]; absent: min(1, count/3)."
+    )
+    answers_file: str | None = Field(
+        None,
+        description="VQA: answer vocabulary, one per line; default: the file's distinct answers, most frequent first.",
     )
 
 
@@ -206,4 +227,5 @@ PATH_FIELDS: tuple[str, ...] = (
     "file",
     "videos_dir",
     "shards",
+    "answers_file",
 )

@@ -97,7 +97,7 @@ def test_eval_loader_single_pass_sharded() -> None:
 def test_data_fraction_subset_is_stratified() -> None:
     ds = build_dataset(ToyOptions(num_samples=200), task_type="image_classification", image_size=16)
     labels = [ds.load(i).label for i in range(200)]  # type: ignore[attr-defined]
-    ds.labels = labels  # type: ignore[attr-defined]
+    assert ds.labels == labels  # type: ignore[attr-defined]
     sub = data_fraction_subset(ds, 0.05, seed=0)
     counts = torch.bincount(torch.tensor([labels[i] for i in sub.indices]), minlength=5)
     full = torch.bincount(torch.tensor(labels), minlength=5)

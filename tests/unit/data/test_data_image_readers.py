@@ -55,11 +55,18 @@ def test_corrupt_image_raises_or_is_skipped(
     idx = next(i for i, (p, _) in enumerate(ds.items) if p.name == "broken.png")
     with pytest.raises(DataError, match=r"broken\.png: cannot decode image"):
         ds[idx]
-    skipping = ImageFolderDataset(ImageFolderOptions(root=str(root), on_error="skip"))
+    skipping = ImageFolderDataset(
+        ImageFolderOptions(root=str(root), on_error="skip", max_bad_fraction=0.5)
+    )
     with caplog.at_level(logging.WARNING):
         sample = skipping[idx]
     assert sample.index == (idx + 1) % len(skipping)
     assert skipping.skipped == 1 and "broken.png" in caplog.text
+    assert [s.name for s in sample.skipped] == [str(bad)]
+    # 1 broken of 4 is 25%, above the default limit of 1%: the run stops, naming the file.
+    strict = ImageFolderDataset(ImageFolderOptions(root=str(root), on_error="skip"))
+    with pytest.raises(DataError, match=r"1 of 4 items are broken .*broken\.png"):
+        strict[idx]
 
 
 def test_image_folder_errors(tmp_path: Path) -> None:
@@ -101,3 +108,19 @@ def test_imagenet_list_bad_records(tmp_path: Path) -> None:
     ds = ImagenetListDataset(_imagenet(tmp_path, "missing.png 0\n"))
     with pytest.raises(DataError, match=r"missing.png: image file not found"):
         ds[0]
+
+
+def test_image_folder_class_names_file_matched_by_folder_name(tmp_path: Path) -> None:
+    root = _folder(tmp_path, True)
+    names = tmp_path / "names.txt"
+    # The file's order is the class order; folders are matched by name (`_` = space).
+    names.write_text("tabby cat|kitty\ndog\nhorse\n")
+    ds = ImageFolderDataset(ImageFolderOptions(root=str(root), class_names_file=str(names)))
+    assert ds.class_names == ("tabby cat", "dog", "horse")
+    assert ds.folders == ("tabby_cat", "dog", "")  # no horse images in this split
+    assert [(p.name, label) for p, label in ds.items] == [("c.png", 1), ("a.png", 0), ("b.png", 0)]
+    assert torch.allclose(ds[0].pixels[:, 0, 0], torch.tensor([0.0, 0.0, 200 / 255]))
+    names.write_text("dog\ndog puppy|tabby cat\n")
+    assert ImageFolderDataset(
+        ImageFolderOptions(root=str(root), class_names_file=str(names))
+    ).labels == [0, 1, 1]

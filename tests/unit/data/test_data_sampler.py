@@ -64,3 +64,44 @@ def test_sharded_sampler_covers_each_item_once() -> None:
     parts = [list(ShardedSampler(11, rank=r, world_size=3)) for r in range(3)]
     assert sorted(i for p in parts for i in p) == list(range(11))
     assert [len(ShardedSampler(11, rank=r, world_size=3)) for r in range(3)] == [4, 4, 3]
+
+
+#: Chi-square critical value for 3 degrees of freedom at p = 0.001 (scipy.stats.chi2.isf).
+CHI2_CRITICAL_DF3_P001 = 16.266
+
+
+def _chi_square(counts: Counter[str], probabilities: dict[str, float], n: int) -> float:
+    return sum((counts[t] - n * p) ** 2 / (n * p) for t, p in probabilities.items())
+
+
+def test_task_sampler_frequencies_pass_a_chi_square_test() -> None:
+    # Pretraining-like weights (SPEC §4.3 scale); seed fixed, p threshold 0.001, df = 4 - 1.
+    weights = {"cls": 2.486, "mlm": 2.75, "cap": 0.5, "ret": 0.25}
+    total = sum(weights.values())
+    probs = {t: w / total for t, w in weights.items()}
+    n = 20_000
+    sampler = TaskSampler(weights, seed=2024)
+    counts = Counter(sampler.next_task() for _ in range(n))
+    stat = _chi_square(counts, probs, n)
+    assert stat < CHI2_CRITICAL_DF3_P001, (stat, counts)
+    # The test has power: the same counts are rejected against slightly different weights.
+    shifted = {"cls": 0.42, "mlm": 0.44, "cap": 0.09, "ret": 0.05}
+    assert _chi_square(counts, shifted, n) > CHI2_CRITICAL_DF3_P001
+    stats = pytest.importorskip("scipy.stats")
+    assert stats.chi2.isf(0.001, 3) == pytest.approx(CHI2_CRITICAL_DF3_P001, abs=1e-3)
+    assert stats.chi2.sf(stat, 3) > 0.001
+
+
+def test_task_sampler_resume_through_a_json_checkpoint() -> None:
+    import json
+
+    weights = {"a": 1.0, "b": 2.0, "c": 0.25}
+    reference = TaskSampler(weights, seed=9)
+    full = [reference.next_task() for _ in range(500)]
+    first = TaskSampler(weights, seed=9)
+    head = [first.next_task() for _ in range(321)]
+    saved = json.dumps(first.state_dict())
+    resumed = TaskSampler(weights, seed=0)
+    resumed.load_state_dict(json.loads(saved))
+    assert head + [resumed.next_task() for _ in range(179)] == full
+    assert [resumed.task_at(s) for s in range(500)] == full  # task_at is pure

@@ -126,13 +126,25 @@ def test_corrupt_members_raise_or_are_skipped(
             )
         )
     ds = WebDatasetStream(
-        WebDatasetOptions(shards=str(tmp_path / "bad.tar"), split="val", on_error="skip"),
+        WebDatasetOptions(
+            shards=str(tmp_path / "bad.tar"), split="val", on_error="skip", max_bad_fraction=0.5
+        ),
         tokenizer=tok,
     )
     with caplog.at_level(logging.WARNING):
-        got = [s.captions[0] for s in ds]
-    assert got == ["good one", "good two"] and ds.skipped == 2
+        samples = list(ds)
+    assert [s.captions[0] for s in samples] == ["good one", "good two"] and ds.skipped == 2
     assert "sample c: no image member" in caplog.text
+    # The two skipped records travel with the next sample served (d).
+    assert samples[0].skipped == ()
+    assert [k.name.rsplit(": ", 1)[1] for k in samples[1].skipped] == ["b", "c"]
+    # 2 broken of 4 records is above the default 1%: the end of the pass stops the run.
+    strict = WebDatasetStream(
+        WebDatasetOptions(shards=str(tmp_path / "bad.tar"), split="val", on_error="skip"),
+        tokenizer=tok,
+    )
+    with pytest.raises(DataError, match=r"2 of 4 items are broken"):
+        list(strict)
 
 
 def test_truncated_shard_is_reported(
@@ -160,7 +172,9 @@ def test_truncated_shard_is_reported(
             )
         )
     ds = WebDatasetStream(
-        WebDatasetOptions(shards=str(tmp_path / "cut.tar"), split="val", on_error="skip"),
+        WebDatasetOptions(
+            shards=str(tmp_path / "cut.tar"), split="val", on_error="skip", max_bad_fraction=1.0
+        ),
         tokenizer=tok,
     )
     assert [s.item_id for s in ds] == ["000000"] and ds.skipped >= 1

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -10,6 +11,7 @@ from typing import Any, Generic, TypeVar
 from torch.utils.data import Dataset
 
 from uniperceiver_cli.data.errors import DataError
+from uniperceiver_cli.data.health import DEFAULT_MAX_BAD_FRACTION, BadItemLedger, SkippedItem
 from uniperceiver_cli.data.options import OnError
 from uniperceiver_cli.data.sampler import SampleKey, seeded_scope
 
@@ -26,23 +28,50 @@ class MapDataset(Dataset[S], Generic[S]):
 
     `__getitem__` accepts a plain position or a `SampleKey`; with a key, the random choices of the
     sample (augmentations, caption choice, frame offsets, masking) run under the key's seed. With
-    `on_error="skip"` a broken item is logged, counted in `skipped` and replaced by the next one.
+    `on_error="skip"` a broken item is logged (naming its file), counted in `skipped` (skip events
+    in this process) and `bad_items` (distinct broken items), and replaced by the next one; the
+    served sample carries the `SkippedItem`s in its `skipped` field. Once the distinct broken items
+    exceed `max_bad_fraction × len(self)` the reader raises a `DataError`.
 
-    Subclasses implement `_num_items()` and `load(index)` and set `collate_fn`.
+    Subclasses implement `_num_items()` and `load(index)`, set `collate_fn`, and may override
+    `item_name(index)` to name an item's file.
 
     Args:
         source: name used in log lines (usually the annotation file).
         on_error: `raise` or `skip`.
         max_samples: cap on the number of items served; None = all.
+        max_bad_fraction: largest tolerated fraction of broken items (0..1) with `skip`.
     """
 
     collate_fn: Callable[[Sequence[Any]], Any]
 
-    def __init__(self, *, source: str, on_error: OnError, max_samples: int | None) -> None:
+    def __init__(
+        self,
+        *,
+        source: str,
+        on_error: OnError,
+        max_samples: int | None,
+        max_bad_fraction: float = DEFAULT_MAX_BAD_FRACTION,
+    ) -> None:
         self.source = source
         self.on_error = on_error
         self.max_samples = max_samples
         self.skipped = 0
+        self.ledger = BadItemLedger(source, max_bad_fraction)
+
+    @property
+    def max_bad_fraction(self) -> float:
+        """Largest tolerated fraction of broken items."""
+        return self.ledger.max_bad_fraction
+
+    @property
+    def bad_items(self) -> tuple[SkippedItem, ...]:
+        """Distinct broken items met in this process, in the order they were met."""
+        return tuple(self.ledger.items.values())
+
+    def item_name(self, index: int) -> str:
+        """The file behind item `index` (for bad-data reports); default `<source>[<index>]`."""
+        return f"{self.source}[{index}]"
 
     def _num_items(self) -> int:
         raise NotImplementedError
@@ -66,19 +95,46 @@ class MapDataset(Dataset[S], Generic[S]):
         if not 0 <= index < n:
             raise IndexError(f"{self.source}: index {index} out of range for {n} items")
         first_error: DataError | None = None
+        skipped: list[SkippedItem] = []
         for attempt in range(min(MAX_CONSECUTIVE_SKIPS, n)):
+            position = (index + attempt) % n
             try:
-                return self.load((index + attempt) % n)
+                sample = self.load(position)
             except DataError as exc:
                 if self.on_error == "raise":
                     raise
                 first_error = first_error or exc
-                self.skipped += 1
-                logger.warning("skipping broken item (%d skipped so far): %s", self.skipped, exc)
+                self._note_bad(position, exc, skipped)
+                continue
+            return _with_skipped(sample, skipped) if skipped else sample
         raise DataError(
             f"{self.source}: {min(MAX_CONSECUTIVE_SKIPS, n)} consecutive items are broken "
             f"(first: {first_error}); fix the data"
         )
+
+    def _note_bad(self, position: int, exc: DataError, skipped: list[SkippedItem]) -> None:
+        item = SkippedItem(
+            source=self.source, key=position, name=self.item_name(position), reason=str(exc)
+        )
+        skipped.append(item)
+        self.skipped += 1
+        self.ledger.add(item)
+        logger.warning(
+            "skipping broken item (%d skip(s) so far in this process): %s",
+            self.skipped,
+            item.describe(),
+        )
+        self.ledger.check_sized(len(self))
+
+
+def _with_skipped(sample: S, skipped: list[SkippedItem]) -> S:
+    """Attach skipped items to a sample dataclass that has a `skipped` field (else leave it)."""
+    if dataclasses.is_dataclass(sample) and not isinstance(sample, type):
+        names = {f.name for f in dataclasses.fields(sample)}
+        if "skipped" in names:
+            earlier: tuple[SkippedItem, ...] = getattr(sample, "skipped", ())
+            return dataclasses.replace(sample, skipped=(*earlier, *skipped))
+    return sample
 
 
 def read_class_names(path: str | Path, *, expected: int | None = None) -> list[tuple[str, ...]]:

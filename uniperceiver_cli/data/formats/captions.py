@@ -71,10 +71,14 @@ def parse_coco_captions(
     data = read_json(p, "caption annotation file")
     if not isinstance(data, dict) or "images" not in data or "annotations" not in data:
         raise DataError(f"{p}: expected a COCO-style object with 'images' and 'annotations' lists")
+    images, annotations = data["images"], data["annotations"]
+    for key, value in (("images", images), ("annotations", annotations)):
+        if not isinstance(value, list):
+            raise DataError(f"{p}: '{key}' must be a list, found {type(value).__name__}")
     root = Path(media_root)
     order: list[int | str] = []
     paths: dict[int | str, Path] = {}
-    for i, img in enumerate(data["images"]):
+    for i, img in enumerate(images):
         if not isinstance(img, dict):
             raise DataError(
                 f"{p}: images record {i}: expected an object, found {type(img).__name__}"
@@ -82,22 +86,47 @@ def parse_coco_captions(
         for key in ("id", "file_name"):
             if key not in img:
                 raise DataError(f"{p}: images record {i}: missing '{key}'")
+        _check_id(img["id"], p, f"images record {i}", "id")
+        if not isinstance(img["file_name"], str) or not img["file_name"]:
+            raise DataError(
+                f"{p}: images record {i} (id {img['id']!r}): 'file_name' must be a non-empty "
+                f"string, found {img['file_name']!r}"
+            )
         sub = img.get("file_path") or ""
-        paths[img["id"]] = root / sub / f"{img['file_name']}{extension}"
+        if not isinstance(sub, str):
+            raise DataError(
+                f"{p}: images record {i} (id {img['id']!r}): 'file_path' must be a string, "
+                f"found {sub!r}"
+            )
+        media = root / sub / f"{img['file_name']}{extension}"
+        if img["id"] in paths:
+            if paths[img["id"]] != media:
+                raise DataError(
+                    f"{p}: images record {i}: id {img['id']!r} already names "
+                    f"{paths[img['id']]}, now {media}; ids must be unique"
+                )
+            continue
+        paths[img["id"]] = media
         order.append(img["id"])
     captions: dict[int | str, list[str]] = {k: [] for k in order}
-    for i, ann in enumerate(data["annotations"]):
+    for i, ann in enumerate(annotations):
         if not isinstance(ann, dict):
-            raise DataError(f"{p}: annotations record {i}: expected an object")
+            raise DataError(
+                f"{p}: annotations record {i}: expected an object, found {type(ann).__name__}"
+            )
         for key in ("image_id", "caption"):
             if key not in ann:
                 raise DataError(f"{p}: annotations record {i}: missing '{key}'")
+        _check_id(ann["image_id"], p, f"annotations record {i}", "image_id")
         if ann["image_id"] not in captions:
             raise DataError(
                 f"{p}: annotations record {i}: image_id {ann['image_id']!r} is not in 'images'"
             )
         if not isinstance(ann["caption"], str):
-            raise DataError(f"{p}: annotations record {i}: 'caption' must be a string")
+            raise DataError(
+                f"{p}: annotations record {i}: 'caption' must be a string, found "
+                f"{type(ann['caption']).__name__} {ann['caption']!r}"
+            )
         captions[ann["image_id"]].append(ann["caption"].strip())
     items = [CaptionedItem(paths[k], k, tuple(captions[k])) for k in order if captions[k]]
     dropped = len(order) - len(items)
@@ -106,6 +135,15 @@ def parse_coco_captions(
     if not items:
         raise DataError(f"{p}: no captioned entries found")
     return items
+
+
+def _check_id(value: Any, source: Path, where: str, field: str) -> None:
+    """Ids are integers or strings (JSON numbers with a fraction, lists, null are errors)."""
+    if isinstance(value, bool) or not isinstance(value, int | str):
+        raise DataError(
+            f"{source}: {where}: '{field}' must be an integer or a string, found "
+            f"{type(value).__name__} {value!r}"
+        )
 
 
 class VisualTextDataset(MapDataset[VisualTextSample]):
@@ -120,6 +158,7 @@ class VisualTextDataset(MapDataset[VisualTextSample]):
         max_text_len: caption tokens kept including EOT (SPEC: 30-50 for captions).
         on_error: `raise` or `skip`.
         max_samples: cap on the samples served.
+        max_bad_fraction: largest tolerated fraction of broken items with `skip`.
     """
 
     collate_fn = staticmethod(collate_visual_text)
@@ -135,8 +174,14 @@ class VisualTextDataset(MapDataset[VisualTextSample]):
         max_text_len: int | None,
         on_error: Any,
         max_samples: int | None,
+        max_bad_fraction: float = 0.01,
     ) -> None:
-        super().__init__(source=source, on_error=on_error, max_samples=max_samples)
+        super().__init__(
+            source=source,
+            on_error=on_error,
+            max_samples=max_samples,
+            max_bad_fraction=max_bad_fraction,
+        )
         if caption_mode not in ("random", "pairs", "all"):
             raise ValueError(f"expected caption_mode random, pairs or all, found {caption_mode!r}")
         self.items = items
@@ -159,6 +204,14 @@ class VisualTextDataset(MapDataset[VisualTextSample]):
 
     def _num_items(self) -> int:
         return len(self._pairs) if self.caption_mode == "pairs" else len(self.items)
+
+    def item_of(self, position: int) -> int:
+        """Index in `items` of the image or video served at `position`."""
+        return self._pairs[position][0] if self.caption_mode == "pairs" else position
+
+    def item_name(self, index: int) -> str:
+        """The media file of the sample at `index`."""
+        return str(self.items[self.item_of(index)].path)
 
     def references(self) -> dict[int | str, list[str]]:
         """All captions of every item served (capped by `max_samples`), by item id."""

@@ -58,4 +58,5 @@ class CocoCaptionsDataset(VisualTextDataset):
             max_text_len=max_text_len,
             on_error=options.on_error,
             max_samples=options.max_samples,
+            max_bad_fraction=options.max_bad_fraction,
         )

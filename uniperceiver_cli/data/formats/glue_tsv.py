@@ -233,7 +233,10 @@ class GlueTsvDataset(MapDataset[TextClassificationSample]):
         if not path.is_file() and task == "MNLI" and split == "dev":
             path = folder / "dev_matched.tsv"
         super().__init__(
-            source=str(path), on_error=options.on_error, max_samples=options.max_samples
+            source=str(path),
+            on_error=options.on_error,
+            max_samples=options.max_samples,
+            max_bad_fraction=options.max_bad_fraction,
         )
         rows = read_glue_rows(path, task, labelled=not split.startswith("test"))
         if split == "train" and len(rows) < MIN_TRAIN_ROWS:

@@ -26,8 +26,14 @@ class _ImageClassificationDataset(MapDataset[ClassificationSample]):
         transform: ImageTransform | None,
         on_error: OnError,
         max_samples: int | None,
+        max_bad_fraction: float = 0.01,
     ) -> None:
-        super().__init__(source=source, on_error=on_error, max_samples=max_samples)
+        super().__init__(
+            source=source,
+            on_error=on_error,
+            max_samples=max_samples,
+            max_bad_fraction=max_bad_fraction,
+        )
         self.items = items
         self.class_synonyms: tuple[tuple[str, ...], ...] = tuple(class_synonyms)
         self.transform = transform or to_float_image
@@ -45,6 +51,10 @@ class _ImageClassificationDataset(MapDataset[ClassificationSample]):
     def _num_items(self) -> int:
         return len(self.items)
 
+    def item_name(self, index: int) -> str:
+        """The image file of item `index`."""
+        return str(self.items[index][0])
+
     def load(self, index: int) -> ClassificationSample:
         path, label = self.items[index]
         pixels = self.transform(read_image(path))
@@ -53,7 +63,13 @@ class _ImageClassificationDataset(MapDataset[ClassificationSample]):
 
 class ImageFolderDataset(_ImageClassificationDataset):
     """Images in one sub-folder per class: `root/<split>/<class>/*` or, without split folders,
-    `root/<class>/*`. Classes are the sorted sub-folder names; their index is their sorted position.
+    `root/<class>/*`.
+
+    Without `class_names_file`, the classes are the sorted sub-folder names and a class's index is
+    its sorted position. With it, the file gives the classes in index order (one per line,
+    synonyms `a|b`): when every folder name matches a name in the file (ignoring case, `_` vs
+    space), folders are matched by name, so the file's order wins and a split may lack some
+    class folders; otherwise line k names the k-th sorted folder and the counts must agree.
 
     Args:
         options: the `image_folder` options.
@@ -79,18 +95,15 @@ class ImageFolderDataset(_ImageClassificationDataset):
                 f"{base}: expected one sub-folder per class (or a '{split}' folder holding them), "
                 "found none"
             )
+        synonyms, labels = _folder_classes(folders, options.class_names_file)
         items: list[tuple[Path, int]] = []
-        for label, folder in enumerate(folders):
+        for label, folder in zip(labels, folders, strict=True):
             files = sorted(
                 f for f in folder.iterdir() if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES
             )
             items.extend((f, label) for f in files)
         if not items:
             raise DataError(f"{base}: class folders hold no image files ({sorted(IMAGE_SUFFIXES)})")
-        if options.class_names_file:
-            synonyms = read_class_names(options.class_names_file, expected=len(folders))
-        else:
-            synonyms = [(f.name.replace("_", " "),) for f in folders]
         super().__init__(
             source=str(base),
             items=items,
@@ -98,8 +111,44 @@ class ImageFolderDataset(_ImageClassificationDataset):
             transform=transform,
             on_error=options.on_error,
             max_samples=options.max_samples,
+            max_bad_fraction=options.max_bad_fraction,
         )
-        self.folders = tuple(f.name for f in folders)
+        by_label = {label: f.name for label, f in zip(labels, folders, strict=True)}
+        #: Folder of each class in class-index order ("" for a class without a folder here).
+        self.folders = tuple(by_label.get(k, "") for k in range(len(synonyms)))
+
+
+def _folder_key(name: str) -> str:
+    return name.strip().replace(" ", "_").lower()
+
+
+def _folder_classes(
+    folders: list[Path], class_names_file: str | None
+) -> tuple[list[tuple[str, ...]], list[int]]:
+    """Class synonyms (index order) and the class index of each folder."""
+    if not class_names_file:
+        return [(f.name.replace("_", " "),) for f in folders], list(range(len(folders)))
+    synonyms = read_class_names(class_names_file)
+    by_key: dict[str, int] = {}
+    for k, names in enumerate(synonyms):
+        for name in names:
+            by_key.setdefault(_folder_key(name), k)
+    matched = [by_key.get(_folder_key(f.name)) for f in folders]
+    if all(m is not None for m in matched):
+        labels = [int(m) for m in matched if m is not None]
+        if len(set(labels)) != len(labels):
+            raise DataError(
+                f"{class_names_file}: two class folders match the same class; give each folder "
+                "its own line"
+            )
+        return synonyms, labels
+    if len(synonyms) != len(folders):
+        raise DataError(
+            f"{class_names_file}: expected {len(folders)} class names (one per class folder, in "
+            f"sorted folder order), found {len(synonyms)}; list one line per class, or use the "
+            "folder names so that classes are matched by name"
+        )
+    return synonyms, list(range(len(folders)))
 
 
 class ImagenetListDataset(_ImageClassificationDataset):
@@ -155,4 +204,5 @@ class ImagenetListDataset(_ImageClassificationDataset):
             transform=transform,
             on_error=options.on_error,
             max_samples=options.max_samples,
+            max_bad_fraction=options.max_bad_fraction,
         )

@@ -71,7 +71,10 @@ class TextCorpusDataset(MapDataset[MLMSample]):
     ) -> None:
         path = Path(options.file)
         super().__init__(
-            source=str(path), on_error=options.on_error, max_samples=options.max_samples
+            source=str(path),
+            on_error=options.on_error,
+            max_samples=options.max_samples,
+            max_bad_fraction=options.max_bad_fraction,
         )
         if not path.is_file():
             raise DataError(f"{path}: text corpus not found; check data.file")

@@ -3,7 +3,8 @@
 Per task type: image classification (class = shape), video classification (class = motion),
 image/video caption and retrieval (templated captions), MLM (toy sentences, whole-word masked),
 text classification (the toy sentence-pair task: does sentence 2 agree with sentence 1? label
-words `no`, `yes`, RTE's template). Toy videos are rendered with `options.num_frames` frames; a
+words `no`, `yes`, RTE's template), VQA (questions about the shape, colour, size and position of
+each toy image, answered from `ToyWorld.vqa_answers`). Toy videos are rendered with `options.num_frames` frames; a
 clip takes `clip.num_frames` of them evenly spaced.
 """
 
@@ -18,6 +19,7 @@ from torch import Tensor
 from uniperceiver_cli.data.formats.base import MapDataset
 from uniperceiver_cli.data.formats.captions import CaptionMode, default_caption_mode
 from uniperceiver_cli.data.formats.glue_tsv import ClozeTemplate
+from uniperceiver_cli.data.formats.vqa import make_vqa_sample
 from uniperceiver_cli.data.options import ToyOptions
 from uniperceiver_cli.data.samples import (
     ClassificationSample,
@@ -25,6 +27,7 @@ from uniperceiver_cli.data.samples import (
     Sample,
     TextClassificationSample,
     VisualTextSample,
+    VQASample,
     collate,
 )
 from uniperceiver_cli.data.text import (
@@ -50,6 +53,7 @@ ToyTask = Literal[
     "video_retrieval",
     "mlm",
     "text_classification",
+    "vqa",
 ]
 TOY_TASKS: tuple[str, ...] = get_args(ToyTask)
 
@@ -59,7 +63,7 @@ class ToyDataset(MapDataset[Sample]):
 
     Args:
         options: the `toy` options.
-        task_type: recipe task type (all but `vqa`).
+        task_type: recipe task type.
         split: overrides `options.split`; every split is a different stream of the same world.
         transform: image `(3, H, W)` or clip `(T, 3, H, W)` uint8 → float; default: scale only.
         clip: frames and evaluation views of toy videos.
@@ -95,6 +99,7 @@ class ToyDataset(MapDataset[Sample]):
             source=f"toy[{task_type}/{split}]",
             on_error=options.on_error,
             max_samples=options.max_samples,
+            max_bad_fraction=options.max_bad_fraction,
         )
         self.options = options
         self.task_type = task_type
@@ -138,6 +143,29 @@ class ToyDataset(MapDataset[Sample]):
     def label_words(self) -> tuple[str, ...]:
         """Label words of the toy text classification task."""
         return self.world.pair_label_words
+
+    @property
+    def answers(self) -> tuple[str, ...]:
+        """Answer vocabulary of the toy VQA task."""
+        return self.world.vqa_answers
+
+    @property
+    def labels(self) -> list[int] | None:
+        """Class (classification, pairs) or answer index (VQA) of every item; None otherwise.
+
+        Used by `data_fraction_subset` to draw a stratified subset.
+        """
+        n, t, split = len(self), self.task_type, self.split
+        if t == "image_classification":
+            return [self.world.image_scene(i, split).label for i in range(n)]
+        if t == "video_classification":
+            return [self.world.video_scene(i, split).label for i in range(n)]
+        if t == "text_classification":
+            return [self.world.pair(i, split).label for i in range(n)]
+        if t == "vqa":
+            index = {a: k for k, a in enumerate(self.world.vqa_answers)}
+            return [index[self.world.vqa(i, split).answers[0]] for i in range(n)]
+        return None
 
     def references(self) -> dict[int | str, list[str]]:
         """All captions of every item served, by item id (caption tasks)."""
@@ -192,7 +220,26 @@ class ToyDataset(MapDataset[Sample]):
             )
         if t == "mlm":
             return self._mlm(index)
+        if t == "vqa":
+            return self._vqa(index)
         return self._pair(index)
+
+    def _vqa(self, index: int) -> VQASample:
+        image, _ = self.world.image(index, self.split)
+        q = self.world.vqa(index, self.split)
+        return make_vqa_sample(
+            image,
+            question=q.question,
+            answers=q.answers,
+            scores=q.scores,
+            answer_index={a: k for k, a in enumerate(self.world.vqa_answers)},
+            tokenizer=self.tokenizer,
+            max_text_len=max(self.max_text_len, 3),
+            transform=self.transform,
+            train=self.train,
+            item_id=index,
+            index=index,
+        )
 
     def _mlm(self, index: int) -> MLMSample:
         words: list[str] = []

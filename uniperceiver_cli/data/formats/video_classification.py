@@ -73,7 +73,10 @@ class VideoClassificationDataset(MapDataset[ClassificationSample]):
         split = split or options.split
         ann = Path(options.annotation_file)
         super().__init__(
-            source=str(ann), on_error=options.on_error, max_samples=options.max_samples
+            source=str(ann),
+            on_error=options.on_error,
+            max_samples=options.max_samples,
+            max_bad_fraction=options.max_bad_fraction,
         )
         self.clip = clip or ClipSpec()
         self.train = split == "train" if train is None else train
@@ -182,6 +185,10 @@ class VideoClassificationDataset(MapDataset[ClassificationSample]):
 
     def _num_items(self) -> int:
         return len(self.items)
+
+    def item_name(self, index: int) -> str:
+        """The video file (or frame folder) of item `index`."""
+        return str(self.items[index][0])
 
     def load(self, index: int) -> ClassificationSample:
         path, label = self.items[index]

@@ -6,11 +6,15 @@ ranks and DataLoader workers (whole shards when there are at least as many shard
 else every consumer reads all shards and keeps every n-th sample). Training streams forever with
 per-epoch shard shuffling and a shuffle buffer; evaluation makes one ordered pass. A corrupt
 member, image or shard raises a `DataError` naming shard and member, or with `on_error: skip` is
-logged and counted in `skipped` (per process) while the stream goes on.
+logged and counted in `skipped` (per process) while the stream goes on; the next sample served
+carries the `SkippedItem`s in its `skipped` field, and past `max_bad_fraction` of the records read
+(judged after `health.STREAM_MIN_SEEN` records, or at the end of an evaluation pass) the stream
+stops with a `DataError`.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import glob
 import json
 import logging
@@ -25,6 +29,7 @@ import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
 from uniperceiver_cli.data.errors import DataError
+from uniperceiver_cli.data.health import BadItemLedger, SkippedItem
 from uniperceiver_cli.data.images import decode_image_bytes
 from uniperceiver_cli.data.options import WebDatasetOptions
 from uniperceiver_cli.data.sampler import mix_seed, seeded_scope
@@ -158,6 +163,16 @@ class WebDatasetStream(IterableDataset[VisualTextSample]):
         self.world_size = world_size
         self.train = split == "train" if train is None else train
         self.skipped = 0
+        self.ledger = BadItemLedger(options.shards, options.max_bad_fraction)
+        self._pending: list[SkippedItem] = []
+        self._shard = ""
+        self._key: str = ""
+        self._seen = 0
+
+    @property
+    def bad_items(self) -> tuple[SkippedItem, ...]:
+        """Distinct broken records met in this process."""
+        return tuple(self.ledger.items.values())
 
     @property
     def tokenizer(self) -> TextTokenizer:
@@ -170,7 +185,15 @@ class WebDatasetStream(IterableDataset[VisualTextSample]):
         if self.options.on_error == "raise":
             raise error
         self.skipped += 1
+        if not self._key:  # a problem outside any record (archive level) counts as one record
+            self._seen += 1
+        name = f"{self._shard}: {self._key}" if self._key else self._shard
+        key = name if self._key else f"{self._shard}#tar"
+        item = SkippedItem(source=self.options.shards, key=key, name=name, reason=str(error))
+        self._pending.append(item)
+        self.ledger.add(item)
         logger.warning("skipping (%d skipped so far in this process): %s", self.skipped, error)
+        self.ledger.check_stream(self._seen)
 
     def _captions(self, shard: str, key: str, group: dict[str, bytes]) -> tuple[str, ...] | None:
         ext = self.options.caption_key
@@ -181,7 +204,9 @@ class WebDatasetStream(IterableDataset[VisualTextSample]):
             if ext == "txt":
                 caps: list[str] = [group[ext].decode("utf-8").strip()]
             else:
-                value = json.loads(group[ext].decode("utf-8")).get("caption")
+                meta = json.loads(group[ext].decode("utf-8"))
+                several = meta.get("captions")
+                value = several if isinstance(several, list) and several else meta.get("caption")
                 caps = [value] if isinstance(value, str) else list(value or [])
         except (UnicodeDecodeError, json.JSONDecodeError, AttributeError, TypeError) as exc:
             self._problem(DataError(f"{shard}: member {key}.{ext}: unreadable caption ({exc})"))
@@ -247,6 +272,7 @@ class WebDatasetStream(IterableDataset[VisualTextSample]):
                 if cap is not None and emitted >= cap:
                     return
             if not self.train:
+                self.ledger.check_stream(self._seen, final=True)
                 return
             if not produced:
                 raise DataError(f"{self.options.shards}: no usable samples for consumer {consumer}")
@@ -258,15 +284,22 @@ class WebDatasetStream(IterableDataset[VisualTextSample]):
         count = 0
         seen = 0
         for shard in shards:
+            self._shard, self._key = shard, ""
             for key, group in iter_tar_groups(shard, self._problem):
                 seen += 1
                 if not by_shard and (seen - 1) % consumers != consumer:
                     continue
+                self._seen += 1
+                self._key = key
                 seed = mix_seed(self.seed, 7, epoch, consumer, count) if self.train else None
                 with seeded_scope(seed):
                     sample = self._sample(shard, key, group, count)
+                self._key = ""
                 if sample is not None:
                     count += 1
+                    if self._pending:
+                        sample = dataclasses.replace(sample, skipped=tuple(self._pending))
+                        self._pending = []
                     yield sample
 
 
@@ -283,3 +316,7 @@ def _shuffled(
         yield sample
     rng.shuffle(buffer)
     yield from buffer
+
+
+#: Alias of `WebDatasetStream` (the name the training engine imports).
+WebDatasetDataset = WebDatasetStream
