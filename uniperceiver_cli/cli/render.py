@@ -72,3 +72,47 @@ def print_mapping(title: str, values: Mapping[str, Any]) -> None:
     for key, value in values.items():
         table.add_row(str(key), str(value))
     stderr_console().print(table)
+
+
+def print_training_result(result: Any, *, as_json: bool = False) -> None:
+    """Render a `TrainResult`: a summary (and the prompt-tuning parameter table) on stderr, JSON on stdout.
+
+    Only rank 0 renders; other ranks of a torchrun job stay silent.
+    """
+    if getattr(result, "rank", 0) != 0:
+        return
+    console = stderr_console()
+    if result.parameter_table:
+        table = Table(title="trainable vs frozen parameters", title_justify="left")
+        table.add_column("module")
+        table.add_column("trainable", justify="right")
+        table.add_column("frozen", justify="right")
+        for row in result.parameter_table:
+            table.add_row(row.module, f"{row.trainable:,}", f"{row.frozen:,}")
+        table.add_row("total", f"{result.trainable_parameters:,}", f"{result.total_parameters - result.trainable_parameters:,}")
+        console.print(table)
+    summary: dict[str, Any] = {
+        "status": "interrupted" if result.interrupted else "done",
+        "steps": f"{result.step} / {result.max_steps}",
+        "run folder": str(result.run_dir),
+        "checkpoint": str(result.checkpoint) if result.checkpoint else "-",
+        "time": f"{result.seconds:.1f} s",
+        "parameters (trainable / total)": f"{result.trainable_parameters:,} / {result.total_parameters:,}",
+    }
+    if result.resumed_from:
+        summary["resumed from"] = str(result.resumed_from)
+    for task, loss in sorted(result.losses.items()):
+        summary[f"loss {task}"] = f"{loss:.4f}"
+    for key, value in result.metrics.items():
+        if not key.endswith("/count"):
+            summary[key] = f"{value:.2f}"
+    print_mapping(f"{result.command.replace('_', '-')} {'interrupted' if result.interrupted else 'finished'}", summary)
+    if as_json:
+        payload = result.to_json()
+        payload["ok"] = not result.interrupted
+        payload["parameter_table"] = [
+            {"module": r.module, "trainable": r.trainable, "frozen": r.frozen}
+            for r in (result.parameter_table or [])
+        ]
+        print_json(payload)
+    del console

@@ -1,0 +1,877 @@
+"""The training loop of `pretrain`, `finetune` and `prompt-tune`, written out from top to bottom.
+
+`train(loaded, ...)`:
+
+1. runtime (device, precision, process group from torchrun) and seeds;
+2. the model (preset or `init_from`, stage-2 resolution), prompt-tuning freezing and heads;
+3. data per task and its objective; the task sampler;
+4. AdamW with the SPEC §4.1 groups; DDP or FSDP2; activation checkpointing and `torch.compile` on request;
+5. resume from `<run>/checkpoints/LATEST` when asked;
+6. the loop: pick a task, fetch its batch, forward, loss × weight + MoE aux losses, backward (accumulated),
+   clip, step; NaN/Inf steps are skipped (stop after `max_bad_steps` in a row); metrics every step,
+   validation and checkpoints at their cadences; SIGINT saves and stops;
+7. a final checkpoint and validation, returned as a `TrainResult`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import hashlib
+import json
+import logging
+import math
+import platform
+import signal
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+import torch
+from torch import nn
+from torch.amp.grad_scaler import GradScaler
+
+from uniperceiver_cli.data.sampler import TaskSampler, mix_seed
+from uniperceiver_cli.engine.build import build_run_model
+from uniperceiver_cli.engine.checkpoint import (
+    CheckpointPayload,
+    TrainingCheckpointError,
+    TrainingState,
+    latest_checkpoint,
+    load_checkpoint,
+    save_checkpoint,
+)
+from uniperceiver_cli.engine.data import (
+    BatchStream,
+    PathContext,
+    SubsetView,
+    TaskData,
+    data_fraction_indices,
+    open_task_data,
+)
+from uniperceiver_cli.engine.freeze import (
+    ParamRow,
+    delta_metadata,
+    freeze_for_prompt_tuning,
+    parameter_table,
+)
+from uniperceiver_cli.engine.optim import build_optimizer, lr_at, set_lr
+from uniperceiver_cli.engine.reporting import Reporter
+from uniperceiver_cli.engine.runtime import (
+    Runtime,
+    all_reduce_max,
+    init_runtime,
+    shutdown_runtime,
+)
+from uniperceiver_cli.engine.seed import (
+    capture_rng_state,
+    restore_rng_state,
+    seed_everything,
+    step_generator,
+)
+from uniperceiver_cli.engine.tasks import (
+    LinearHead,
+    StepContext,
+    TaskObjective,
+    TrainingModule,
+    build_objective,
+)
+from uniperceiver_cli.engine.validation import VALIDATED_TYPES, validate
+from uniperceiver_cli.model.moe.telemetry import MoEAux
+
+logger = logging.getLogger(__name__)
+
+
+class TrainingError(RuntimeError):
+    """The run started but cannot continue (exit code 1)."""
+
+
+class TrainingDivergedError(TrainingError):
+    """Too many consecutive steps had a non-finite loss or gradient."""
+
+
+class TrainingInterrupted(Exception):  # noqa: N818 - a requested stop, not an error
+    """SIGINT stopped the run after saving a checkpoint (exit code 130).
+
+    Attributes:
+        result: what the run had reached.
+    """
+
+    def __init__(self, result: TrainResult) -> None:
+        super().__init__(f"interrupted at step {result.step}; checkpoint {result.checkpoint}")
+        self.result = result
+
+
+@dataclass
+class TrainResult:
+    """What a training run produced.
+
+    Attributes:
+        run_dir: the run folder.
+        command: `pretrain`, `finetune` or `prompt_tune`.
+        step: optimizer steps completed.
+        max_steps: steps the recipe asked for.
+        checkpoint: the last checkpoint folder written.
+        resumed_from: the checkpoint the run resumed from, if any.
+        metrics: final validation metrics (`val/<task>/<metric>`).
+        losses: mean training loss per task over the last `log_every` steps of each task.
+        seconds: wall time of the loop.
+        trainable_parameters: scalars trained.
+        total_parameters: scalars in the model (and heads).
+        parameter_table: prompt tuning: trainable vs frozen per module.
+        interrupted: stopped by SIGINT.
+        rank: the process that produced this result (only rank 0 renders it).
+    """
+
+    run_dir: Path
+    command: str
+    step: int
+    max_steps: int
+    checkpoint: Path | None
+    resumed_from: Path | None = None
+    metrics: dict[str, float] = field(default_factory=dict)
+    losses: dict[str, float] = field(default_factory=dict)
+    seconds: float = 0.0
+    trainable_parameters: int = 0
+    total_parameters: int = 0
+    parameter_table: list[ParamRow] | None = None
+    interrupted: bool = False
+    rank: int = 0
+
+    def to_json(self) -> dict[str, Any]:
+        """JSON-ready summary."""
+        out = dataclasses.asdict(self)
+        out["run_dir"] = str(self.run_dir)
+        out["checkpoint"] = str(self.checkpoint) if self.checkpoint else None
+        out["resumed_from"] = str(self.resumed_from) if self.resumed_from else None
+        return out
+
+
+class _Interrupt:
+    """SIGINT latch: the first Ctrl-C asks the loop to save and stop; handlers are restored on exit."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._old: Any = None
+
+    def _handle(self, signum: int, frame: FrameType | None) -> None:
+        del signum, frame
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        logger.warning(
+            "interrupt received: saving a checkpoint at the end of this step (Ctrl-C again to abort)"
+        )
+
+    @contextlib.contextmanager
+    def installed(self) -> Iterator[_Interrupt]:
+        try:
+            self._old = signal.signal(signal.SIGINT, self._handle)
+        except ValueError:  # not the main thread (e.g. inside a test runner thread)
+            self._old = None
+        try:
+            yield self
+        finally:
+            if self._old is not None:
+                signal.signal(signal.SIGINT, self._old)
+
+
+def user_errors() -> tuple[type[BaseException], ...]:
+    """Errors a run reports as a clean message (exit 1) instead of a traceback."""
+    from uniperceiver_cli.data.errors import DataError
+    from uniperceiver_cli.engine.build import InitCheckpointError
+    from uniperceiver_cli.engine.data import TaskDataError
+    from uniperceiver_cli.engine.freeze import PromptDeltaError
+    from uniperceiver_cli.engine.runtime import RuntimeSetupError
+    from uniperceiver_cli.model.checkpoint import CheckpointError
+
+    return (
+        TrainingError,
+        TrainingCheckpointError,
+        DataError,
+        TaskDataError,
+        InitCheckpointError,
+        PromptDeltaError,
+        RuntimeSetupError,
+        CheckpointError,
+    )
+
+
+def resolve_run_dir(recipe: Any, output_dir: Path | None) -> Path:
+    """`--output-dir`, else `run.output_dir`, else `runs/<run.name>`."""
+    if output_dir is not None:
+        return Path(output_dir)
+    if recipe.run.output_dir:
+        return Path(recipe.run.output_dir)
+    return Path("runs") / str(recipe.run.name)
+
+
+def _recipe_text(loaded: Any) -> str:
+    from uniperceiver_cli.recipe.load import dump_resolved
+
+    return dump_resolved(loaded)
+
+
+def _write_run_files(run_dir: Path, loaded: Any, runtime: Runtime, seed: int) -> None:
+    run_dir.mkdir(parents=True, exist_ok=True)
+    text = _recipe_text(loaded)
+    (run_dir / "recipe.resolved.yaml").write_text(text, encoding="utf-8")
+    import torchvision
+
+    from uniperceiver_cli import __version__
+
+    env = {
+        "uniperceiver_cli": __version__,
+        "torch": torch.__version__,
+        "torchvision": torchvision.__version__,
+        "python": platform.python_version(),
+        "device": str(runtime.device),
+        "device_name": torch.cuda.get_device_name(runtime.device)
+        if runtime.device.type == "cuda"
+        else platform.processor(),
+        "world_size": runtime.world_size,
+        "precision": runtime.precision,
+        "seed": seed,
+        "recipe_sha256": hashlib.sha256(text.encode()).hexdigest(),
+        "overrides": list(loaded.overrides),
+    }
+    (run_dir / "env.json").write_text(json.dumps(env, indent=2) + "\n", encoding="utf-8")
+
+
+def _apply_activation_checkpointing(model: nn.Module) -> None:
+    """Recompute every encoder block in backward (keeps parameter names unchanged)."""
+    from torch.utils.checkpoint import checkpoint
+
+    from uniperceiver_cli.model.encoder import EncoderBlock
+
+    for module in model.modules():
+        if isinstance(module, EncoderBlock):
+            original = module.forward
+
+            def wrapped(*args: Any, _f: Any = original, **kwargs: Any) -> Any:
+                return checkpoint(_f, *args, use_reentrant=False, **kwargs)
+
+            module.forward = wrapped  # type: ignore[method-assign]
+
+
+def _wrap_parallel(module: TrainingModule, runtime: Runtime, mode: str) -> nn.Module:
+    if not runtime.distributed:
+        return module
+    if mode == "fsdp2":
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import fully_shard
+
+        mesh = init_device_mesh(runtime.device.type, (runtime.world_size,))
+        # FSDP2 cannot shard 0-dim parameters (the logit scales, a head's similarity weight): they stay
+        # replicated and their gradients are averaged by `_sync_ignored_grads`.
+        scalars = {p for p in module.parameters() if p.dim() == 0}
+        fully_shard(module, mesh=mesh, reshard_after_forward=False, ignored_params=scalars)
+        return module
+    from torch.nn.parallel import DistributedDataParallel
+
+    ids = [runtime.device.index] if runtime.device.type == "cuda" else None
+    return DistributedDataParallel(
+        module, device_ids=ids, find_unused_parameters=True, broadcast_buffers=False
+    )
+
+
+def _sync_ignored_grads(module: nn.Module, runtime: Runtime) -> None:
+    """Average the gradients of parameters FSDP2 left replicated (0-dim ones) over ranks."""
+    if not runtime.distributed or not _is_fsdp(module):
+        return
+    import torch.distributed as dist
+
+    for p in module.parameters():
+        if p.dim() == 0 and p.requires_grad:
+            grad = p.grad if p.grad is not None else torch.zeros_like(p)
+            dist.all_reduce(grad, op=dist.ReduceOp.SUM)
+            p.grad = grad / runtime.world_size
+
+
+def _moe_metrics(aux: list[object]) -> dict[str, float]:
+    out: dict[str, float] = {}
+    for a in aux:
+        if isinstance(a, MoEAux):
+            for k, v in a.metrics().items():
+                out[k] = out.get(k, 0.0) + v
+    return out
+
+
+def train(
+    loaded: Any,
+    *,
+    output_dir: Path | None = None,
+    resume: bool = True,
+    progress: bool | None = None,
+) -> TrainResult:
+    """Train from a loaded recipe (`pretrain`, `finetune` or `prompt_tune`).
+
+    Args:
+        loaded: `LoadedRecipe` from `uniperceiver_cli.recipe.load.load_recipe`.
+        output_dir: run folder (overrides the recipe).
+        resume: continue from the run folder's latest checkpoint when there is one.
+        progress: force the progress bar on/off (default: on in a terminal).
+
+    Returns:
+        The `TrainResult`.
+
+    Raises:
+        TrainingInterrupted: after SIGINT (a checkpoint was saved).
+        TrainingDivergedError: after `schedule.max_bad_steps` non-finite steps in a row.
+        TrainingError: other runtime failures.
+    """
+    recipe = loaded.recipe
+    command = loaded.command
+    rt_spec = recipe.runtime
+    runtime = init_runtime(rt_spec.device, rt_spec.precision, threads=rt_spec.threads)
+    try:
+        result = _train(loaded, recipe, command, runtime, output_dir, resume, progress)
+        result.rank = runtime.rank
+        return result
+    except TrainingInterrupted as stop:
+        stop.result.rank = runtime.rank
+        raise
+    finally:
+        shutdown_runtime(runtime)
+
+
+def _train(
+    loaded: Any,
+    recipe: Any,
+    command: str,
+    runtime: Runtime,
+    output_dir: Path | None,
+    resume: bool,
+    progress: bool | None,
+) -> TrainResult:
+    seed = int(recipe.run.seed)
+    seed_everything(seed, runtime.rank, deterministic=recipe.runtime.deterministic)
+    run_dir = resolve_run_dir(recipe, output_dir)
+    sched = recipe.schedule
+    optim_spec = recipe.optim
+    task_specs = list(recipe.tasks)
+    task_names = [t.name for t in task_specs]
+    prompt = getattr(recipe, "prompt", None) if command == "prompt_tune" else None
+
+    # --- model ---------------------------------------------------------------------------------------------
+    model = build_run_model(recipe.model, task_names=task_names, prompt=prompt)
+    table: list[ParamRow] | None = None
+    heads: dict[str, nn.Module] = {}
+    if prompt is not None:
+        freeze_for_prompt_tuning(model, prompt.train)
+
+    # --- data and objectives -------------------------------------------------------------------------------
+    from uniperceiver_cli.recipe.paths import data_root
+
+    paths = PathContext(data_root(recipe.run.data_root), loaded.path.parent.resolve())
+    image_size = model.config.image_size
+    train_data: dict[str, TaskData] = {}
+    eval_data: dict[str, TaskData] = {}
+    objectives: dict[str, TaskObjective] = {}
+    for spec in task_specs:
+        data = open_task_data(
+            spec,
+            spec.data,
+            train=True,
+            paths=paths,
+            model_image_size=image_size,
+            rank=runtime.rank,
+            world_size=runtime.world_size,
+            seed=seed,
+        )
+        if prompt is not None and prompt.data_fraction < 1.0:
+            keep = data_fraction_indices(data.dataset, prompt.data_fraction, seed)
+            logger.info(
+                "task %s: training on %d of %d samples (data_fraction %g)",
+                spec.name,
+                len(keep),
+                len(data.dataset),  # type: ignore[arg-type]
+                prompt.data_fraction,
+            )
+            data = TaskData(
+                SubsetView(data.dataset, keep), data.collate, data.class_names, data.label_words
+            )
+        train_data[spec.name] = data
+        objectives[spec.name] = build_objective(
+            spec, class_names=data.class_names, label_words=data.label_words, resolve=paths.resolve
+        )
+        if spec.eval_data is not None and spec.type in VALIDATED_TYPES:
+            eval_data[spec.name] = open_task_data(
+                spec,
+                spec.eval_data,
+                train=False,
+                paths=paths,
+                model_image_size=image_size,
+                rank=runtime.rank,
+                world_size=runtime.world_size,
+                seed=seed,
+            )
+        if (
+            prompt is not None
+            and "linear_head" in prompt.train
+            and objectives[spec.name].num_classes
+        ):
+            heads[spec.name] = LinearHead(
+                model.config.hidden_size, int(objectives[spec.name].num_classes or 0)
+            )
+
+    module = TrainingModule(model, objectives, heads)
+    if prompt is not None:
+        table = parameter_table([("model", model), ("heads", module.heads)])
+    module.to(runtime.device)
+    if recipe.runtime.activation_checkpointing:
+        _apply_activation_checkpointing(module)
+    if recipe.runtime.compile:
+        for block in model.encoder.blocks():
+            block.compile()
+    total_params = sum(p.numel() for p in module.parameters())
+    trainable_params = sum(p.numel() for p in module.parameters() if p.requires_grad)
+
+    # --- optimizer, scaler, wrapper --------------------------------------------------------------------------
+    wrapped = _wrap_parallel(module, runtime, recipe.runtime.distributed)
+    optimizer, groups = build_optimizer(
+        module,
+        lr=optim_spec.lr,
+        weight_decay=optim_spec.weight_decay,
+        betas=(float(optim_spec.betas[0]), float(optim_spec.betas[1])),
+        eps=optim_spec.eps,
+    )
+    logger.debug("parameter groups: %s", groups.counts())
+    scaler = GradScaler(runtime.device.type, enabled=runtime.precision == "fp16")
+    sampler = TaskSampler({t.name: t.sampling_weight for t in task_specs}, seed=seed)
+    streams = {
+        t.name: BatchStream(
+            train_data[t.name],
+            batch_size=t.batch_size,
+            seed=mix_seed(seed, i, 77),
+            rank=runtime.rank,
+            world_size=runtime.world_size,
+            num_workers=recipe.runtime.num_workers,
+        )
+        for i, t in enumerate(task_specs)
+    }
+
+    # --- resume ----------------------------------------------------------------------------------------------
+    step = 0
+    bad_steps = 0
+    resumed_from: Path | None = None
+    rng_to_restore: dict[str, Any] | None = None
+    ckpt_path = latest_checkpoint(run_dir) if resume else None
+    if ckpt_path is not None:
+        ck = load_checkpoint(ckpt_path, runtime.rank)
+        if ck.state.world_size != runtime.world_size:
+            logger.warning(
+                "resuming a %d-process checkpoint with %d processes: data order will differ",
+                ck.state.world_size,
+                runtime.world_size,
+            )
+        _load_module_state(wrapped, module, optimizer, scaler, ck)
+        sampler.load_state_dict(ck.state.sampler)
+        for name, st in ck.state.streams.items():
+            if name in streams:
+                streams[name].position = int(st["position"])
+        step = ck.state.step
+        bad_steps = ck.state.bad_steps
+        rng_to_restore = ck.rng_state
+        resumed_from = ckpt_path
+        if runtime.is_main:
+            logger.info("resuming from %s (step %d)", ckpt_path, step)
+    if runtime.is_main:
+        _write_run_files(run_dir, loaded, runtime, seed)
+    runtime.barrier()
+
+    reporter = Reporter(
+        run_dir,
+        max_steps=sched.max_steps,
+        log_every=sched.log_every,
+        start_step=step,
+        enabled=runtime.is_main,
+        resume_step=step if resumed_from is not None else None,
+        progress=progress,
+    )
+    if rng_to_restore is not None:
+        restore_rng_state(rng_to_restore)
+
+    def save(at_step: int) -> Path:
+        return _save(
+            run_dir,
+            wrapped,
+            module,
+            optimizer,
+            scaler,
+            loaded,
+            runtime,
+            at_step,
+            sampler,
+            streams,
+            bad_steps,
+            sched.keep_last,
+            prompt,
+            model,
+            command,
+        )
+
+    def run_validation(at_step: int) -> dict[str, float]:
+        if not eval_data:
+            return {}
+        tasks = {n: (objectives[n].spec, d, objectives[n]) for n, d in eval_data.items()}
+        metrics = _validate(model, module, wrapped, tasks, loaded, runtime)
+        if metrics:
+            reporter.event({"step": at_step, "event": "validation", **metrics})
+        return metrics
+
+    last_ckpt: Path | None = resumed_from
+    last_saved_step = step if resumed_from is not None else -1
+    losses: dict[str, list[float]] = {}
+    metrics: dict[str, float] = {}
+    latch = _Interrupt()
+    t_start = time.perf_counter()
+    accum = sched.grad_accum_steps
+    clip = optim_spec.grad_clip
+    trainable = [p for p in module.parameters() if p.requires_grad]
+    single_task = len(task_specs) == 1
+    try:
+        with latch.installed():
+            wrapped.train()
+            while step < sched.max_steps:
+                t0 = time.perf_counter()
+                lr = lr_at(
+                    step,
+                    base_lr=optim_spec.lr,
+                    min_lr=optim_spec.min_lr,
+                    warmup_steps=sched.warmup_steps,
+                    max_steps=sched.max_steps,
+                    decay=sched.decay,
+                )
+                set_lr(optimizer, lr)
+                optimizer.zero_grad(set_to_none=True)
+                record: dict[str, Any] = {"step": step + 1, "lr": lr}
+                tokens = 0
+                finite = True
+                step_aux: list[object] = []
+                tasks_run: list[str] = []
+                for micro in range(accum):
+                    task = sampler.next_task()
+                    tasks_run.append(task)
+                    batch = streams[task].next()
+                    ctx = StepContext(
+                        generator=step_generator(seed, step, micro, 0xC0FFEE),
+                        runtime=runtime,
+                        single_task=single_task,
+                    )
+                    sync = micro == accum - 1 or not hasattr(wrapped, "no_sync")
+                    sync_ctx = contextlib.nullcontext() if sync else wrapped.no_sync()  # type: ignore[operator]
+                    with sync_ctx:
+                        with runtime.autocast():
+                            loss, result = wrapped(task, batch, ctx)
+                        scaler.scale(loss / accum).backward()
+                    finite = finite and math.isfinite(result.parts.get("loss", float("nan")))
+                    tokens += result.tokens
+                    step_aux.extend(result.aux)
+                    for k, v in result.parts.items():
+                        record[f"{k}/{task}"] = v
+                    losses.setdefault(task, []).append(result.parts.get("loss", float("nan")))
+                record["task"] = tasks_run[-1] if len(set(tasks_run)) == 1 else ",".join(tasks_run)
+                record["loss"] = float(sum(record.get(f"loss/{t}", 0.0) for t in set(tasks_run)))
+                _sync_ignored_grads(module, runtime)
+                scaler.unscale_(optimizer)
+                grad_norm = torch.nn.utils.clip_grad_norm_(
+                    trainable, clip if clip > 0 else float("inf")
+                )
+                gn = float(grad_norm)
+                bad = not finite or (not math.isfinite(gn) and runtime.precision != "fp16")
+                bad = bool(
+                    all_reduce_max(torch.tensor(float(bad), device=runtime.device), runtime) > 0
+                )
+                if bad:
+                    bad_steps += 1
+                    optimizer.zero_grad(set_to_none=True)
+                    logger.warning(
+                        "step %d: non-finite loss or gradient (task %s); skipped (%d in a row, limit %d)",
+                        step + 1,
+                        record["task"],
+                        bad_steps,
+                        sched.max_bad_steps,
+                    )
+                    if bad_steps >= sched.max_bad_steps:
+                        raise TrainingDivergedError(
+                            f"{bad_steps} consecutive steps had a non-finite loss or gradient (last at step "
+                            f"{step + 1}, task {record['task']}); the run stopped. Lower optim.lr, raise "
+                            "optim.grad_clip or use precision fp32/bf16, then resume from the last checkpoint"
+                        )
+                    scaler.update()
+                else:
+                    bad_steps = 0
+                    scaler.step(optimizer)
+                    scaler.update()
+                step += 1
+                elapsed = time.perf_counter() - t0
+                record["grad_norm"] = gn
+                record["tokens_per_s"] = tokens * runtime.world_size / max(elapsed, 1e-9)
+                record["step_time_s"] = elapsed
+                record.update(_moe_metrics(step_aux))
+                reporter.step(record)
+                if sched.eval_every and step % sched.eval_every == 0 and step < sched.max_steps:
+                    metrics = run_validation(step)
+                stop = latch.requested
+                if runtime.distributed:
+                    stop = bool(
+                        all_reduce_max(torch.tensor(float(stop), device=runtime.device), runtime)
+                        > 0
+                    )
+                if (sched.checkpoint_every and step % sched.checkpoint_every == 0) or stop:
+                    last_ckpt = save(step)
+                    last_saved_step = step
+                if stop:
+                    raise TrainingInterrupted(
+                        _result(
+                            run_dir,
+                            command,
+                            step,
+                            sched.max_steps,
+                            last_ckpt,
+                            resumed_from,
+                            metrics,
+                            losses,
+                            t_start,
+                            trainable_params,
+                            total_params,
+                            table,
+                            interrupted=True,
+                        )
+                    )
+            if last_saved_step != step:
+                last_ckpt = save(step)
+            metrics = run_validation(step) or metrics
+    finally:
+        reporter.close()
+    return _result(
+        run_dir,
+        command,
+        step,
+        sched.max_steps,
+        last_ckpt,
+        resumed_from,
+        metrics,
+        losses,
+        t_start,
+        trainable_params,
+        total_params,
+        table,
+    )
+
+
+def _result(
+    run_dir: Path,
+    command: str,
+    step: int,
+    max_steps: int,
+    ckpt: Path | None,
+    resumed_from: Path | None,
+    metrics: dict[str, float],
+    losses: dict[str, list[float]],
+    t_start: float,
+    trainable: int,
+    total: int,
+    table: list[ParamRow] | None,
+    *,
+    interrupted: bool = False,
+) -> TrainResult:
+    recent = {t: sum(v[-10:]) / len(v[-10:]) for t, v in losses.items() if v}
+    return TrainResult(
+        run_dir=run_dir,
+        command=command,
+        step=step,
+        max_steps=max_steps,
+        checkpoint=ckpt,
+        resumed_from=resumed_from,
+        metrics=metrics,
+        losses=recent,
+        seconds=time.perf_counter() - t_start,
+        trainable_parameters=trainable,
+        total_parameters=total,
+        parameter_table=table,
+        interrupted=interrupted,
+    )
+
+
+def _validate(
+    model: nn.Module,
+    module: TrainingModule,
+    wrapped: nn.Module,
+    tasks: dict[str, Any],
+    loaded: Any,
+    runtime: Runtime,
+) -> dict[str, float]:
+    """Periodic evaluation: the evaluation engine when installed, else the built-in validation."""
+    recipe = loaded.recipe
+    unshard = getattr(wrapped, "unshard", None)
+    if runtime.distributed and callable(unshard) and recipe.runtime.distributed == "fsdp2":
+        unshard()
+    try:
+        import importlib.util
+
+        if importlib.util.find_spec("uniperceiver_cli.engine.evaluate") is not None:
+            from uniperceiver_cli.engine import evaluate as evaluation
+
+            fn = getattr(evaluation, "evaluate_tasks", None)
+            if callable(fn):
+                try:
+                    out = fn(model, loaded, recipe_dir=loaded.path.parent.resolve())
+                    if isinstance(out, dict):
+                        return {str(k): float(v) for k, v in out.items()}
+                # The evaluation engine is optional during training: any failure falls back, saying why.
+                except Exception as e:  # noqa: BLE001
+                    logger.warning(
+                        "evaluation engine failed (%s); using the built-in validation", e
+                    )
+        return validate(
+            model,  # type: ignore[arg-type]
+            tasks,
+            batch_size=recipe.evaluation.batch_size,
+            runtime=runtime,
+            heads=dict(module.heads.items()),
+        )
+    finally:
+        reshard = getattr(wrapped, "reshard", None)
+        if runtime.distributed and callable(reshard) and recipe.runtime.distributed == "fsdp2":
+            reshard()
+
+
+def _is_fsdp(module: nn.Module) -> bool:
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(module, FSDPModule)
+
+
+def _full_state(
+    wrapped: nn.Module, module: nn.Module, optimizer: torch.optim.Optimizer
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Full (unsharded) model and optimizer state dicts.
+
+    Replicated runs use the native `state_dict()`s (exact: parameters without Adam state stay without).
+    FSDP2 gathers full tensors with `torch.distributed.checkpoint.state_dict`, keyed by parameter names.
+    """
+    if not _is_fsdp(module):
+        msd = {k: v.detach().to("cpu") for k, v in module.state_dict().items()}
+        return msd, optimizer.state_dict()
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        get_model_state_dict,
+        get_optimizer_state_dict,
+    )
+
+    opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    return dict(get_model_state_dict(module, options=opts)), dict(
+        get_optimizer_state_dict(module, optimizer, options=opts)
+    )
+
+
+def _save(
+    run_dir: Path,
+    wrapped: nn.Module,
+    module: TrainingModule,
+    optimizer: torch.optim.Optimizer,
+    scaler: GradScaler,
+    loaded: Any,
+    runtime: Runtime,
+    step: int,
+    sampler: TaskSampler,
+    streams: dict[str, BatchStream],
+    bad_steps: int,
+    keep_last: int,
+    prompt: Any,
+    model: nn.Module,
+    command: str,
+) -> Path:
+    msd, osd = _full_state(wrapped, module, optimizer)
+    rng = capture_rng_state()
+    payload: CheckpointPayload | None = None
+    if runtime.is_main:
+        model_state = {k[len("model.") :]: v for k, v in msd.items() if k.startswith("model.")}
+        heads_state = {k[len("heads.") :]: v for k, v in msd.items() if k.startswith("heads.")}
+        optim_state: dict[str, Any] = {"optimizer": osd}
+        if scaler.is_enabled():
+            optim_state["scaler"] = scaler.state_dict()
+        state = TrainingState(
+            step=step,
+            sampler=sampler.state_dict(),
+            streams={n: s.state_dict() for n, s in streams.items()},
+            bad_steps=bad_steps,
+            world_size=runtime.world_size,
+            extra={"command": command, "run": loaded.recipe.run.name},
+        )
+        delta = None
+        if prompt is not None:
+            keys = [n for n, p in model.named_parameters() if p.requires_grad]
+            tensors = {k: model_state[k] for k in keys}
+            from uniperceiver_cli.api import resolve_checkpoint
+
+            base = resolve_checkpoint(loaded.recipe.model.init_from)
+            delta = (tensors, delta_metadata(base, keys, list(prompt.train)))
+            model_state = {}
+        payload = CheckpointPayload(
+            model_state=model_state,
+            model_config=module.model.config,
+            optimizer_state=optim_state,
+            state=state,
+            recipe_text=_recipe_text(loaded),
+            heads_state=heads_state or None,
+            delta=delta,
+        )
+    return save_checkpoint(run_dir, payload, rng, runtime, keep_last=keep_last)
+
+
+def _load_module_state(
+    wrapped: nn.Module,
+    module: TrainingModule,
+    optimizer: torch.optim.Optimizer,
+    scaler: GradScaler,
+    ck: Any,
+) -> None:
+    """Load a checkpoint's weights (full or prompt delta), heads and optimizer state into the run."""
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        set_model_state_dict,
+        set_optimizer_state_dict,
+    )
+
+    full: dict[str, Any] = {}
+    weights = ck.model_state if ck.model_state is not None else ck.delta
+    for k, v in weights.items():
+        full[f"model.{k}"] = v
+    for k, v in (ck.heads_state or {}).items():
+        full[f"heads.{k}"] = v
+    own = set(module.state_dict())
+    unknown = sorted(set(full) - own)
+    if unknown:
+        raise TrainingCheckpointError(
+            f"{ck.path}: tensors {unknown[:6]} do not belong to this run's model; resume with the recipe that "
+            "wrote the checkpoint, or pass --no-resume"
+        )
+    if ck.model_state is not None and own - set(full):
+        missing = sorted(own - set(full))
+        raise TrainingCheckpointError(
+            f"{ck.path}: missing tensors {missing[:6]}; the checkpoint is incomplete"
+        )
+    if not _is_fsdp(module):
+        with torch.no_grad():
+            own_state = module.state_dict()
+            for k, v in full.items():
+                own_state[k].copy_(v)
+        optimizer.load_state_dict(ck.optimizer_state["optimizer"])
+    else:
+        set_model_state_dict(
+            module, full, options=StateDictOptions(full_state_dict=True, strict=False)
+        )
+        set_optimizer_state_dict(
+            module,
+            optimizer,
+            ck.optimizer_state["optimizer"],
+            options=StateDictOptions(full_state_dict=True, strict=False),
+        )
+    if "scaler" in ck.optimizer_state and scaler.is_enabled():
+        scaler.load_state_dict(ck.optimizer_state["scaler"])
