@@ -6,7 +6,7 @@ cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 export GLIBC_TUNABLES="${GLIBC_TUNABLES:-glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=68719476736}"
 set +e
-.venv/bin/uniperceiver pretrain recipes/pretrain/tiny_toy.yaml "$@"
+.venv/bin/uniperceiver pretrain recipes/pretrain/quickstart.yaml "$@"
 rc=$?
 set -e
 if [ "$rc" = "3" ]; then

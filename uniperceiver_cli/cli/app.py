@@ -111,7 +111,9 @@ def _finish_recipe(
     del output_dir
 
 
-def _run_training(loaded: LoadedRecipe, output_dir: Path | None, resume: bool, as_json: bool) -> None:
+def _run_training(
+    loaded: LoadedRecipe, output_dir: Path | None, resume: bool, as_json: bool
+) -> None:
     """Run the training engine and render its result (Rich summary on stderr, `--json` on stdout).
 
     Exit codes: 0 done, 130 interrupted (a checkpoint was saved), 1 the run failed (divergence, data or
@@ -128,59 +130,46 @@ def _run_training(loaded: LoadedRecipe, output_dir: Path | None, resume: bool, a
     except user_errors() as exc:
         stderr_console().print(f"[bold red]training failed:[/] {exc}", markup=True, highlight=False)
         if as_json:
-            print_json({"ok": False, "status": "failed", "error": type(exc).__name__, "message": str(exc)})
+            print_json(
+                {"ok": False, "status": "failed", "error": type(exc).__name__, "message": str(exc)}
+            )
         raise typer.Exit(ExitCode.FAILURE) from None
     print_training_result(result, as_json=as_json)
 
-@app.command(context_settings=CONTEXT)
-def pretrain(
-    recipe: RecipeArg,
-    sets: SetOption = None,
-    output_dir: OutputDirOption = None,
-    resume: ResumeOption = True,
-    dry_run: DryRunOption = False,
-    as_json: JsonOption = False,
-) -> None:
-    """Multi-task pretraining from a recipe (works under `torchrun -m uniperceiver_cli`)."""
-    loaded = load_or_exit(recipe, sets, "pretrain")
-    _finish_recipe(loaded, output_dir, dry_run, as_json)
-    if not engine_available("uniperceiver_cli.engine.train"):
-        not_available("pretrain", "the training engine", 6, as_json=as_json)
-    _run_training(loaded, output_dir, resume, as_json)
+
+def _training_command(command: str, recipe_command: str, summary: str) -> None:
+    """Register one training command (`pretrain`, `finetune`, `prompt-tune`); they differ only by recipe kind."""
+
+    def run(
+        recipe: RecipeArg,
+        sets: SetOption = None,
+        output_dir: OutputDirOption = None,
+        resume: ResumeOption = True,
+        dry_run: DryRunOption = False,
+        as_json: JsonOption = False,
+    ) -> None:
+        loaded = load_or_exit(recipe, sets, recipe_command)
+        _finish_recipe(loaded, output_dir, dry_run, as_json)
+        if not engine_available("uniperceiver_cli.engine.train"):
+            not_available(command, "the training engine", 6, as_json=as_json)
+        _run_training(loaded, output_dir, resume, as_json)
+
+    run.__doc__ = summary
+    run.__name__ = recipe_command
+    app.command(command, context_settings=CONTEXT)(run)
 
 
-@app.command(context_settings=CONTEXT)
-def finetune(
-    recipe: RecipeArg,
-    sets: SetOption = None,
-    output_dir: OutputDirOption = None,
-    resume: ResumeOption = True,
-    dry_run: DryRunOption = False,
-    as_json: JsonOption = False,
-) -> None:
-    """Single-task full fine-tuning from a recipe."""
-    loaded = load_or_exit(recipe, sets, "finetune")
-    _finish_recipe(loaded, output_dir, dry_run, as_json)
-    if not engine_available("uniperceiver_cli.engine.train"):
-        not_available("finetune", "the training engine", 6, as_json=as_json)
-    _run_training(loaded, output_dir, resume, as_json)
-
-
-@app.command("prompt-tune", context_settings=CONTEXT)
-def prompt_tune(
-    recipe: RecipeArg,
-    sets: SetOption = None,
-    output_dir: OutputDirOption = None,
-    resume: ResumeOption = True,
-    dry_run: DryRunOption = False,
-    as_json: JsonOption = False,
-) -> None:
-    """Prompt tuning: train deep prompts and norms of a frozen checkpoint."""
-    loaded = load_or_exit(recipe, sets, "prompt_tune")
-    _finish_recipe(loaded, output_dir, dry_run, as_json)
-    if not engine_available("uniperceiver_cli.engine.train"):
-        not_available("prompt-tune", "the training engine", 6, as_json=as_json)
-    _run_training(loaded, output_dir, resume, as_json)
+_training_command(
+    "pretrain",
+    "pretrain",
+    "Multi-task pretraining from a recipe (works under `torchrun -m uniperceiver_cli`).",
+)
+_training_command("finetune", "finetune", "Single-task full fine-tuning from a recipe.")
+_training_command(
+    "prompt-tune",
+    "prompt_tune",
+    "Prompt tuning: train deep prompts and norms of a frozen checkpoint.",
+)
 
 
 FailUnderOption = Annotated[
@@ -710,7 +699,11 @@ def _render_export(result: dict[str, Any], as_json: bool) -> None:
     if as_json:
         print_json(result)
         return
-    rows: dict[str, Any] = {"format": result["format"], "source": result["source"], "out": result["out"]}
+    rows: dict[str, Any] = {
+        "format": result["format"],
+        "source": result["source"],
+        "out": result["out"],
+    }
     fold = result.get("fold")
     if fold:
         rows["fold for"] = ", ".join(fold["tasks"])
@@ -815,9 +808,15 @@ def score_captions(
 def data_toy(
     out: Annotated[Path, typer.Option("--out", help="Folder to write the toy world into.")],
     seed: Annotated[int, typer.Option("--seed", help="World seed.")] = 0,
-    num_images: Annotated[int, typer.Option("--num-images", min=10, help="Images in all splits.")] = 600,
-    num_videos: Annotated[int, typer.Option("--num-videos", min=10, help="Videos in all splits.")] = 120,
-    image_size: Annotated[int, typer.Option("--image-size", min=8, help="Image and frame side in pixels.")] = 32,
+    num_images: Annotated[
+        int, typer.Option("--num-images", min=10, help="Images in all splits.")
+    ] = 600,
+    num_videos: Annotated[
+        int, typer.Option("--num-videos", min=10, help="Videos in all splits.")
+    ] = 120,
+    image_size: Annotated[
+        int, typer.Option("--image-size", min=8, help="Image and frame side in pixels.")
+    ] = 32,
     as_json: JsonOption = False,
 ) -> None:
     """Write the built-in toy world (images, captions, videos, text) in the real dataset formats."""
@@ -829,7 +828,9 @@ def data_toy(
     if tmp.exists():
         shutil.rmtree(tmp)
     try:
-        summary = write_toy_world(tmp, seed=seed, num_images=num_images, num_videos=num_videos, image_size=image_size)
+        summary = write_toy_world(
+            tmp, seed=seed, num_images=num_images, num_videos=num_videos, image_size=image_size
+        )
         if out.exists():
             out.rmdir()
         tmp.replace(out)
