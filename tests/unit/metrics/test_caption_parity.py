@@ -53,5 +53,6 @@ def test_full_metrics_match_pycocoevalcap_on_200_images() -> None:
     coco = compute_caption_metrics(preds, refs, backend="coco")
     for name in ("bleu1", "bleu2", "bleu3", "bleu4", "rouge_l", "cider"):
         assert getattr(ours, name) == pytest.approx(getattr(coco, name), abs=1e-6), name
-    # Measured 6.1e-3 (paraphrase matching is not implemented); guard against regressions.
-    assert abs(ours.meteor - coco.meteor) < 0.01
+    # Measured 4.0e-4 on this corpus: the jar's beam-search tie-breaking between equal alignments is not
+    # reproduced (see docs/eval.md); guard against regressions.
+    assert abs(ours.meteor - coco.meteor) < 1e-3

@@ -135,7 +135,7 @@ def compute_caption_metrics(
     cider, _ = cider_d(hyps, refs)
     resources = load_meteor_resources()
     meteor_score, _ = meteor(hyps, refs, resources)
-    modules = "exact+stem+synonym" if resources.synsets else "exact+stem"
+    modules = "+".join(resources.modules)
     return CaptionScores(
         bleu1=bleu[0], bleu2=bleu[1], bleu3=bleu[2], bleu4=bleu[3],
         meteor=meteor_score, rouge_l=rouge, cider=cider, num_images=len(ids),
@@ -143,7 +143,7 @@ def compute_caption_metrics(
         versions={
             "uniperceiver_cli": _version("uniperceiver-cli"),
             "reference": "pycocoevalcap 1.2 (PTBTokenizer 3.4.1 rules, Bleu/Rouge/Cider re-implemented)",
-            "meteor": f"python approximation of METEOR 1.5 ({modules}, data: {resources.source})",
+            "meteor": f"python re-implementation of METEOR 1.5 ({modules}, data: {resources.source})",
         },
     )  # fmt: skip
 
@@ -154,11 +154,11 @@ def _coco_scores(
     references: Mapping[ImageId, Sequence[str]],
 ) -> CaptionScores:
     try:
-        from pycocoevalcap.bleu.bleu import Bleu  # type: ignore[import-untyped]
-        from pycocoevalcap.cider.cider import Cider  # type: ignore[import-untyped]
-        from pycocoevalcap.meteor.meteor import Meteor  # type: ignore[import-untyped]
-        from pycocoevalcap.rouge.rouge import Rouge  # type: ignore[import-untyped]
-        from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer  # type: ignore[import-untyped]
+        from pycocoevalcap.bleu.bleu import Bleu
+        from pycocoevalcap.cider.cider import Cider
+        from pycocoevalcap.meteor.meteor import Meteor
+        from pycocoevalcap.rouge.rouge import Rouge
+        from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
     except ImportError as exc:
         raise CaptionMetricsError(
             "backend='coco' needs pycocoevalcap: pip install \"uniperceiver-cli[coco-metrics]\" "
