@@ -1,30 +1,151 @@
-"""Forward+backward time of a token-routed MoE FFN against a dense FFN and a one-hot dispatch.
+"""MoE layer speed against dense baselines measured in the same run (ratios, interleaved).
 
-All three are timed in the same run, interleaved, on the same input (median of --reps after
---warmup). The MoE FFN is `ffn_in` (gate owner) -> GELU -> `ffn_out` (reuses the decision) from
-`build_routed_linears`, training mode, top-k with capacity; the dense FFN has the same D and F, so
-the FLOP floor of the MoE/dense ratio is K. The naive baseline computes the same routing with a
-dense (N, E, C) one-hot dispatch/combine tensor (GShard einsum style).
+Parts (all by default, or pick with --parts):
 
-Run: GLIBC_TUNABLES=glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=68719476736 \
-     python benchmarks/moe_layer.py [--tokens 4096 --dim 768 --ffn 3072 --experts 8 --top-k 2]
+* `attribute`: an attribute-routed linear (D -> F) at eval (cached plan, merged weights) against
+  an `nn.Linear` of the same shape, on one segment (image) and on two segments (caption).
+* `token`: forward+backward of a token-routed FFN, `ffn_in` (gate owner, top-K, capacity) ->
+  GELU -> `ffn_out` (reuses the decision), in training mode, against a dense FFN of the same D and
+  F (FLOP floor K) and against DeepSpeed's `deepspeed.moe.layer.MoE` with the same D, F, E, K and
+  capacity factor (optional dependency: the column is skipped with a note when it does not
+  import), in float32 and in bfloat16 autocast. `--naive` adds a GShard-style dense (N, E, C)
+  one-hot dispatch of the same routing.
+* `experts`: token-routed FFN time against dense for E = 1, 2, 4, ..., 64.
+* `tokens`: the same for N = 1k ... 16k tokens.
+
+Each measurement is a median over --reps rounds; within a round every candidate runs once, in
+turn, so drift of the shared machine hits all of them alike.
+
+Run (the allocator setting must be in the environment before Python starts, PERF.md):
+    GLIBC_TUNABLES=glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=68719476736 \\
+        python benchmarks/moe_layer.py [--parts token] [--reps 5] [--threads 1]
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import logging
+import os
 import statistics
+import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from uniperceiver_cli.model.config import ModelConfig, MoEConfig
-from uniperceiver_cli.model.moe import TokenRoutedLinear, build_routed_linears
+from uniperceiver_cli.model.moe import SegmentRoutedLinear, TokenRoutedLinear, build_routed_linears
 from uniperceiver_cli.model.moe.dispatch import DispatchPlan
-from uniperceiver_cli.model.routing import RoutingContext, Segment
+from uniperceiver_cli.model.routing import RoutingContext, Segment, input_segments
+
+Step = Callable[[], None]
+
+
+def interleaved(candidates: dict[str, Step], reps: int, warmup: int) -> dict[str, float]:
+    """Median seconds of each candidate; every round runs all candidates once, in turn."""
+    for _ in range(warmup):
+        for fn in candidates.values():
+            fn()
+    times: dict[str, list[float]] = {name: [] for name in candidates}
+    for _ in range(reps):
+        for name, fn in candidates.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(ts) for name, ts in times.items()}
+
+
+def table(title: str, medians: dict[str, float], base: str, note: str = "") -> None:
+    """Print a markdown table of medians and ratios against `base`."""
+    print(f"\n{title}")
+    print("| variant | median | vs " + base + " |")
+    print("| --- | --- | --- |")
+    for name, seconds in medians.items():
+        print(f"| {name} | {seconds * 1e3:.1f} ms | {seconds / medians[base]:.3f}x |")
+    if note:
+        print(note)
+
+
+def autocast(dtype: torch.dtype) -> contextlib.AbstractContextManager[Any]:
+    """bf16 autocast on CPU, or nothing for float32."""
+    if dtype == torch.float32:
+        return contextlib.nullcontext()
+    return torch.autocast("cpu", dtype=dtype)
+
+
+# attribute routing at eval ---------------------------------------------------------------------
+
+
+def bench_attribute(args: argparse.Namespace) -> None:
+    """Attribute-routed linear at eval against a dense linear of the same shape."""
+    moe = MoEConfig(routing="attribute", num_experts=8, top_k=2, layers=(0,), sublayers=("ffn_in",))
+    config = ModelConfig(
+        hidden_size=args.dim, num_heads=1, ffn_size=args.ffn, num_layers=1, moe=moe
+    )
+    routed = build_routed_linears(config, 0)["ffn_in"]
+    assert isinstance(routed, SegmentRoutedLinear)
+    routed.eval()
+    dense = nn.Linear(args.dim, args.ffn).eval()
+    cases = {
+        "image (1 segment, 32 x 197)": (
+            32,
+            RoutingContext("cls", input_segments("image_classification", visual_len=196)),
+        ),
+        "caption (2 segments, 32 x (197 + 20))": (
+            32,
+            RoutingContext("cap", input_segments("image_caption", visual_len=196, text_len=20)),
+        ),
+    }
+    for label, (batch, routing) in cases.items():
+        x = torch.randn(batch, routing.length, args.dim)
+
+        def run_routed(x: torch.Tensor = x, routing: RoutingContext = routing) -> None:
+            with torch.no_grad():
+                routed(x, routing)
+
+        def run_dense(x: torch.Tensor = x) -> None:
+            with torch.no_grad():
+                dense(x)
+
+        with torch.no_grad():
+            y, _ = routed(x, routing)
+        assert y.shape == (batch, routing.length, args.ffn)
+        medians = interleaved(
+            {"dense nn.Linear": run_dense, "attribute-routed (eval)": run_routed},
+            args.reps * 4,
+            args.warmup + 2,
+        )
+        table(
+            f"attribute-routed linear at eval, {label}, D {args.dim} -> {args.ffn}, E 8, top-2",
+            medians,
+            "dense nn.Linear",
+        )
+
+
+# token routing, forward + backward -------------------------------------------------------------
+
+
+def token_ffn(
+    dim: int, ffn: int, experts: int, top_k: int, capacity: float
+) -> tuple[TokenRoutedLinear, TokenRoutedLinear]:
+    """`ffn_in` and `ffn_out` of one token-routed layer (training mode)."""
+    moe = MoEConfig(
+        routing="token",
+        num_experts=experts,
+        top_k=top_k,
+        layers=(0,),
+        sublayers=("ffn_in", "ffn_out"),
+        capacity_factor=capacity,
+    )
+    config = ModelConfig(hidden_size=dim, num_heads=1, ffn_size=ffn, num_layers=1, moe=moe)
+    modules = build_routed_linears(config, 0)
+    ffn_in, ffn_out = modules["ffn_in"], modules["ffn_out"]
+    assert isinstance(ffn_in, TokenRoutedLinear) and isinstance(ffn_out, TokenRoutedLinear)
+    return ffn_in, ffn_out
 
 
 def onehot_linear(
@@ -50,115 +171,235 @@ def onehot_linear(
     return torch.einsum("nec,eco->no", combine, out)
 
 
-def timed(fn: Callable[[], None]) -> float:
-    """Seconds of one call of `fn`."""
-    start = time.perf_counter()
-    fn()
-    return time.perf_counter() - start
+_DEEPSPEED: dict[str, Any] = {}
+
+
+def deepspeed_moe_class() -> tuple[Any, str]:
+    """`deepspeed.moe.layer.MoE` with a 1-process gloo group, or (None, why not)."""
+    if "cls" in _DEEPSPEED:
+        return _DEEPSPEED["cls"], _DEEPSPEED["why"]
+    cls: Any = None
+    why = ""
+    try:
+        import torch.distributed as dist
+
+        logging.getLogger("DeepSpeed").setLevel(logging.ERROR)
+        from deepspeed.moe.layer import MoE  # type: ignore[import-untyped]
+
+        if not dist.is_initialized():
+            init = os.path.join(tempfile.mkdtemp(prefix="moe_bench_"), "init")
+            dist.init_process_group("gloo", init_method=f"file://{init}", rank=0, world_size=1)
+        cls = MoE
+    except (ImportError, RuntimeError, OSError, ValueError) as err:  # optional dependency
+        why = f"DeepSpeed column skipped: {type(err).__name__}: {err}"
+    _DEEPSPEED.update(cls=cls, why=why)
+    return cls, why
+
+
+def build_deepspeed(dim: int, ffn: int, experts: int, top_k: int, capacity: float) -> Any:
+    """DeepSpeed MoE with FFN experts of the same shape, its default gate settings."""
+    cls, _ = deepspeed_moe_class()
+    expert = nn.Sequential(nn.Linear(dim, ffn), nn.GELU(), nn.Linear(ffn, dim))
+    return cls(
+        hidden_size=dim,
+        expert=expert,
+        num_experts=experts,
+        ep_size=1,
+        k=top_k,
+        capacity_factor=capacity,
+        eval_capacity_factor=capacity,
+    )
+
+
+def token_steps(
+    n: int,
+    dim: int,
+    ffn: int,
+    experts: int,
+    top_k: int,
+    capacity: float,
+    dtype: torch.dtype,
+    *,
+    with_deepspeed: bool = False,
+    with_naive: bool = False,
+    with_unfused: bool = False,
+) -> dict[str, Step]:
+    """Forward+backward steps of the dense FFN, our token-routed FFN and optional baselines."""
+    torch.manual_seed(0)
+    ffn_in, ffn_out = token_ffn(dim, ffn, experts, top_k, capacity)
+    dense = nn.Sequential(nn.Linear(dim, ffn), nn.GELU(), nn.Linear(ffn, dim))
+    routing = RoutingContext("bench", (Segment(n, "image", (0,) * 8),))
+    x = torch.randn(1, n, dim, requires_grad=True)
+    params = [*ffn_in.parameters(), *ffn_out.parameters(), *dense.parameters()]
+
+    def step(loss_fn: Callable[[], torch.Tensor], extra: list[torch.Tensor]) -> Step:
+        def run() -> None:
+            x.grad = None
+            for p in [*params, *extra]:
+                p.grad = None
+            with autocast(dtype):
+                loss = loss_fn()
+            loss.backward()  # type: ignore[no-untyped-call]
+
+        return run
+
+    def dense_loss() -> torch.Tensor:
+        out: torch.Tensor = dense(x).float().sum()
+        return out
+
+    def moe_loss() -> torch.Tensor:
+        h, aux = ffn_in(x, routing)
+        y, _ = ffn_out(F.gelu(h), routing)
+        assert aux is not None
+        total: torch.Tensor = y.float().sum() + aux.loss
+        return total
+
+    steps: dict[str, Step] = {
+        "dense FFN": step(dense_loss, []),
+        "ours: sort + grouped matmul": step(moe_loss, []),
+    }
+    if with_unfused:
+
+        def unfused_loss() -> torch.Tensor:
+            ffn_in.fused_dispatch = ffn_out.fused_dispatch = False
+            try:
+                return moe_loss()
+            finally:
+                ffn_in.fused_dispatch = ffn_out.fused_dispatch = True
+
+        steps["ours, unfused (gather / grouped / combine)"] = step(unfused_loss, [])
+    if with_deepspeed:
+        ds = build_deepspeed(dim, ffn, experts, top_k, capacity)
+        ds_params = list(ds.parameters())
+
+        def ds_loss() -> torch.Tensor:
+            y, l_aux, _ = ds(x)
+            loss: torch.Tensor = y.float().sum() + l_aux
+            return loss
+
+        steps["DeepSpeed MoE (einsum dispatch)"] = step(ds_loss, ds_params)
+    if with_naive:
+
+        def naive_loss() -> torch.Tensor:
+            flat = x.reshape(n, dim)
+            route, stats = ffn_in.route(x, None)
+            cap = route.plan.capacity or n
+            h = onehot_linear(flat, route.plan, ffn_in, cap)
+            y = onehot_linear(F.gelu(h), route.plan, ffn_out, cap)
+            return y.float().sum() + ffn_in.moe.balance_loss_weight * stats["balance"]
+
+        steps["ours, one-hot (N, E, C) dispatch"] = step(naive_loss, [])
+    return steps
+
+
+def bench_token(args: argparse.Namespace) -> None:
+    """Token-routed FFN against dense and DeepSpeed, float32 and bf16 autocast."""
+    cls, why = deepspeed_moe_class() if not args.no_deepspeed else (None, "skipped by flag")
+    for dtype in args.dtypes:
+        steps = token_steps(
+            args.tokens,
+            args.dim,
+            args.ffn,
+            args.experts,
+            args.top_k,
+            args.capacity_factor,
+            dtype,
+            with_deepspeed=cls is not None,
+            with_naive=args.naive,
+            with_unfused=args.unfused,
+        )
+        medians = interleaved(steps, args.reps, args.warmup)
+        note = f"FLOP floor vs dense: K = {args.top_k}"
+        if "DeepSpeed MoE (einsum dispatch)" in medians:
+            ratio = (
+                medians["DeepSpeed MoE (einsum dispatch)"] / medians["ours: sort + grouped matmul"]
+            )
+            note += f"; DeepSpeed / ours = {ratio:.3f}x"
+        elif why:
+            note += f"; {why}"
+        table(
+            f"token-routed FFN fwd+bwd, {dtype_name(dtype)}, N {args.tokens}, D {args.dim}, "
+            f"F {args.ffn}, E {args.experts}, top-{args.top_k}, capacity {args.capacity_factor}",
+            medians,
+            "dense FFN",
+            note,
+        )
+
+
+def bench_sweep(args: argparse.Namespace, over: str) -> None:
+    """MoE / dense ratio over the number of experts or of tokens (float32)."""
+    values = args.expert_sweep if over == "experts" else args.token_sweep
+    print(f"\ntoken-routed FFN fwd+bwd vs dense FFN over {over} (float32, top-{args.top_k})")
+    print(f"| {over} | dense | ours | ours / dense |")
+    print("| --- | --- | --- | --- |")
+    for value in values:
+        experts = value if over == "experts" else args.experts
+        tokens = value if over == "tokens" else args.tokens
+        top_k = min(args.top_k, experts)
+        steps = token_steps(
+            tokens, args.dim, args.ffn, experts, top_k, args.capacity_factor, torch.float32
+        )
+        medians = interleaved(steps, max(args.reps - 2, 1), args.warmup)
+        dense, ours = medians["dense FFN"], medians["ours: sort + grouped matmul"]
+        print(f"| {value} | {dense * 1e3:.0f} ms | {ours * 1e3:.0f} ms | {ours / dense:.3f}x |")
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """float32 or bf16 autocast."""
+    return "float32" if dtype == torch.float32 else "bf16 autocast"
+
+
+@contextlib.contextmanager
+def quiet() -> Iterator[None]:
+    """Silence library warnings while measuring."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        yield
 
 
 def main() -> None:
-    """Parse arguments, build the three FFNs, time them interleaved and print ratios."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    """Parse arguments and run the chosen parts."""
+    parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
+    parser.add_argument("--parts", default="attribute,token,experts,tokens")
     parser.add_argument("--tokens", type=int, default=4096)
     parser.add_argument("--dim", type=int, default=768)
     parser.add_argument("--ffn", type=int, default=3072)
     parser.add_argument("--experts", type=int, default=8)
     parser.add_argument("--top-k", type=int, default=2)
     parser.add_argument("--capacity-factor", type=float, default=1.0)
-    parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--dtype", default="fp32,bf16", help="comma list of fp32, bf16")
+    parser.add_argument("--expert-sweep", default="1,2,4,8,16,32,64")
+    parser.add_argument("--token-sweep", default="1024,2048,4096,8192,16384")
+    parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--skip-naive", action="store_true")
+    parser.add_argument("--no-deepspeed", action="store_true")
+    parser.add_argument("--naive", action="store_true", help="add the one-hot dispatch baseline")
+    parser.add_argument("--unfused", action="store_true", help="add our unfused dispatch path")
     args = parser.parse_args()
+    args.dtypes = [
+        {"fp32": torch.float32, "bf16": torch.bfloat16}[d] for d in args.dtype.split(",")
+    ]
+    args.expert_sweep = [int(v) for v in args.expert_sweep.split(",")]
+    args.token_sweep = [int(v) for v in args.token_sweep.split(",")]
     torch.set_num_threads(args.threads)
-    torch.manual_seed(0)
-
-    moe = MoEConfig(
-        routing="token",
-        num_experts=args.experts,
-        top_k=args.top_k,
-        layers=(0,),
-        sublayers=("ffn_in", "ffn_out"),
-        capacity_factor=args.capacity_factor,
-    )
-    config = ModelConfig(
-        hidden_size=args.dim, num_heads=1, ffn_size=args.ffn, num_layers=1, moe=moe
-    )
-    modules = build_routed_linears(config, 0)
-    ffn_in, ffn_out = modules["ffn_in"], modules["ffn_out"]
-    assert isinstance(ffn_in, TokenRoutedLinear) and isinstance(ffn_out, TokenRoutedLinear)
-    dense = nn.Sequential(nn.Linear(args.dim, args.ffn), nn.GELU(), nn.Linear(args.ffn, args.dim))
-    routing = RoutingContext("bench", (Segment(args.tokens, "image", (0,) * 8),))
-    x = torch.randn(1, args.tokens, args.dim, requires_grad=True)
-
-    def moe_out() -> tuple[torch.Tensor, torch.Tensor]:
-        h, aux = ffn_in(x, routing)
-        y, _ = ffn_out(F.gelu(h), routing)
-        assert aux is not None
-        return y.reshape(args.tokens, args.dim), aux.loss
-
-    def naive_out() -> tuple[torch.Tensor, torch.Tensor]:
-        flat = x.reshape(args.tokens, args.dim)
-        route, stats = ffn_in.route(x, None)
-        capacity = route.plan.capacity or args.tokens
-        h = onehot_linear(flat, route.plan, ffn_in, capacity)
-        y = onehot_linear(F.gelu(h), route.plan, ffn_out, capacity)
-        return y, moe.balance_loss_weight * stats["balance"]
-
-    def run_moe() -> torch.Tensor:
-        y, loss = moe_out()
-        return y.sum() + loss
-
-    def run_naive() -> torch.Tensor:
-        y, loss = naive_out()
-        return y.sum() + loss
-
-    # same routing (no noise) for the correctness check of the naive baseline
-    gate = ffn_in.gate
-    assert gate is not None
-    gate.eval()
-    with torch.no_grad():
-        ours, _ = moe_out()
-        naive, _ = naive_out()
-    gate.train()
-    diff = float((ours - naive).abs().max())
-    print(f"check: max |moe - naive| = {diff:.2e} (output scale {float(ours.abs().max()):.2e})")
-
-    def step(fn: Callable[[], torch.Tensor]) -> Callable[[], None]:
-        def run() -> None:
-            x.grad = None
-            for p in [*ffn_in.parameters(), *ffn_out.parameters(), *dense.parameters()]:
-                p.grad = None
-            fn().backward()  # type: ignore[no-untyped-call]
-
-        return run
-
-    candidates: dict[str, Callable[[], None]] = {
-        "dense FFN": step(lambda: dense(x).sum()),
-        "MoE (sort + per-expert matmul)": step(run_moe),
-    }
-    if not args.skip_naive:
-        candidates["MoE (one-hot dispatch)"] = step(run_naive)
-    results: dict[str, list[float]] = {name: [] for name in candidates}
-    for _ in range(args.warmup):
-        for fn in candidates.values():
-            fn()
-    for _ in range(args.reps):
-        for name, fn in candidates.items():
-            results[name].append(timed(fn))
-    medians = {name: statistics.median(ts) for name, ts in results.items()}
+    tunables = os.environ.get("GLIBC_TUNABLES", "(unset: see PERF.md)")
     print(
-        f"N={args.tokens} D={args.dim} F={args.ffn} E={args.experts} K={args.top_k} "
-        f"capacity_factor={args.capacity_factor} threads={args.threads} reps={args.reps}"
+        f"torch {torch.__version__}, threads {args.threads}, reps {args.reps}, "
+        f"GLIBC_TUNABLES={tunables}"
     )
-    base = medians["dense FFN"]
-    for name, seconds in medians.items():
-        print(f"{name:34s} {seconds:8.3f} s   x{seconds / base:5.2f} vs dense")
-    if "MoE (one-hot dispatch)" in medians:
-        ratio = medians["MoE (one-hot dispatch)"] / medians["MoE (sort + per-expert matmul)"]
-        print(f"one-hot / sorted dispatch: x{ratio:.2f}")
-    print(f"FLOP floor MoE / dense = K = {args.top_k} (capacity_factor {args.capacity_factor})")
+    parts = args.parts.split(",")
+    with quiet():
+        if "attribute" in parts:
+            bench_attribute(args)
+        if "token" in parts:
+            bench_token(args)
+        if "experts" in parts:
+            bench_sweep(args, "experts")
+        if "tokens" in parts:
+            bench_sweep(args, "tokens")
 
 
 if __name__ == "__main__":

@@ -238,3 +238,29 @@ def test_reference_expert_keys_stack_in_order() -> None:
     assert out["p.experts.weight"][:, 0, 0].tolist() == [0.0, 1.0, 2.0, 3.0]
     assert out["p.experts.bias"][:, 0].tolist() == [0, -1, -2, -3]
     assert "p.gate.wg.weight" in convert_reference_linear(state, "p.", 4, keep_gate=True)
+
+
+@pytest.mark.parametrize("routing", SEGMENT_ROUTINGS)
+def test_eval_segment_matmuls_equal_the_mixture(routing: str) -> None:
+    """Eval (cached plan, one matmul per run of the 2 segments) equals the explicit mixture,
+    with and without autograd."""
+    qkv = _layer(routing, top_k=2)["qkv"]
+    assert isinstance(qkv, SegmentRoutedLinear)
+    qkv.eval()
+    x = torch.randn(3, 8, 16)
+    with torch.no_grad():
+        y, aux = qkv(x, CAPTION)
+    with torch.enable_grad():
+        y_grad_mode, _ = qkv(x, CAPTION)
+    assert aux is not None and qkv.experts.bias is not None
+    # task routing has one key for the whole sequence (one matmul); the others two runs
+    assert len({s.key for s in aux.segments}) == (1 if routing == "task" else 2)
+    expected = reference_segment_mixture(
+        x,
+        CAPTION.boundaries(),
+        _decisions(aux.segments),
+        qkv.experts.weight.detach(),
+        qkv.experts.bias.detach(),
+    )
+    torch.testing.assert_close(y, expected, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(y, y_grad_mode.detach(), atol=1e-6, rtol=1e-6)

@@ -34,7 +34,12 @@ from uniperceiver_cli.model.moe.dispatch import (
     plan_dispatch,
     select_top_k,
 )
-from uniperceiver_cli.model.moe.experts import ExpertWeights, grouped_linear, merge_experts
+from uniperceiver_cli.model.moe.experts import (
+    ExpertWeights,
+    dispatch_linear,
+    grouped_linear,
+    merge_experts,
+)
 from uniperceiver_cli.model.moe.losses import (
     balance_loss,
     gate_entropy,
@@ -347,14 +352,37 @@ class SegmentRoutedLinear(_RoutedLinear):
             w, b = merged[runs[0][0]]
             y = nn.functional.linear(x, w, b)
         else:
+            y = self._segment_matmuls(x, runs, merged)
+        if self.leader is not None:
+            return y, None
+        return y, self._aux(x.shape[0], routing, keys, bounds, decisions)
+
+    def _segment_matmuls(
+        self,
+        x: torch.Tensor,
+        runs: Sequence[tuple[Hashable, int, int]],
+        merged: dict[Hashable, tuple[torch.Tensor, torch.Tensor | None]],
+    ) -> torch.Tensor:
+        """One matmul per run of positions with the same key: (B, L, Din) -> (B, L, Dout).
+
+        Each run's rows are copied into one contiguous (B * n, Din) block, go
+        through a single 2-D matmul and land in their slice of a preallocated output; under
+        autocast (output dtype decided by the matmul) per-run linears are concatenated instead.
+        """
+        if torch.is_autocast_enabled(x.device.type):
             parts = []
             for key, start, end in runs:
                 w, b = merged[key]
                 parts.append(nn.functional.linear(x[:, start:end], w, b))
-            y = torch.cat(parts, dim=1)
-        if self.leader is not None:
-            return y, None
-        return y, self._aux(x.shape[0], routing, keys, bounds, decisions)
+            return torch.cat(parts, dim=1)
+        batch = x.shape[0]
+        y = x.new_empty((batch, x.shape[1], self.out_features))
+        for key, start, end in runs:
+            w, b = merged[key]
+            rows = x[:, start:end].reshape(batch * (end - start), self.in_features)
+            out = nn.functional.linear(rows, w, b)
+            y[:, start:end] = out.view(batch, end - start, self.out_features)
+        return y
 
     def _aux(
         self,
@@ -441,6 +469,9 @@ class TokenRoutedLinear(_RoutedLinear):
     Attributes:
         expert_group: process group experts are sharded over (set by `parallel.shard_experts`).
         use_grouped_mm: run experts with `torch._grouped_mm` when the operands allow it.
+        fused_dispatch: without expert parallelism or `use_grouped_mm`, run gather, experts and
+            combine as one autograd node (`experts.dispatch_linear`); False composes
+            `gather_units`, `grouped_linear` and `combine_units` (same results, more memory).
     """
 
     def __init__(
@@ -471,6 +502,7 @@ class TokenRoutedLinear(_RoutedLinear):
         self.gate = router
         self.expert_group: ProcessGroup | None = None
         self.use_grouped_mm = False
+        self.fused_dispatch = True
         self._memo: TokenRoute | None = None
 
     @property
@@ -542,6 +574,37 @@ class TokenRoutedLinear(_RoutedLinear):
             rows, self.experts.weight, self.experts.bias, counts, self.use_grouped_mm
         )
 
+    def _dispatch(self, x: torch.Tensor, route: TokenRoute) -> torch.Tensor:
+        """Local experts, gather and weighted combine as one fused node: (B, L, Din) -> (B, L, Dout).
+
+        Works on the flat (B * L) token rows: routed rows read and write their token's row
+        directly, so padding positions (token routing) stay zero without a final scatter.
+        """
+        plan = route.plan
+        batch, length = route.batch_shape
+        row_weights = plan.weights.reshape(-1).index_select(0, plan.order)  # (M,)
+        units = plan.units  # (M,)
+        if self.context:
+            # every position of the sample goes to the sample's experts
+            offsets = torch.arange(length, device=units.device)
+            rows = (units.unsqueeze(1) * length + offsets).reshape(-1)
+            row_weights = row_weights.repeat_interleave(length)
+            counts = [c * length for c in plan.counts.tolist()]
+        else:
+            rows = units if route.valid_index is None else route.valid_index.index_select(0, units)
+            counts = plan.counts.tolist()
+        y = dispatch_linear(
+            x.reshape(batch * length, self.in_features),
+            self.experts.weight,
+            self.experts.bias,
+            counts,
+            rows,
+            row_weights,
+            rows,
+            batch * length,
+        )
+        return y.view(batch, length, self.out_features)
+
     def forward(
         self, x: torch.Tensor, routing: RoutingContext
     ) -> tuple[torch.Tensor, MoEAux | None]:
@@ -586,6 +649,9 @@ class TokenRoutedLinear(_RoutedLinear):
                     "RoutingContext to both linears of a pair"
                 )
             route = memo
+        if self.fused_dispatch and self.expert_group is None and not self.use_grouped_mm:
+            y = self._dispatch(x, route)
+            return (y, None) if lead is not None else (y, self._aux(routing, route, stats, padding))
         tokens = length if self.context else 1
         units = self._units(x, route)
         rows = gather_units(units, route.plan)

@@ -16,10 +16,9 @@ from typing import cast
 import torch
 import torch.distributed as dist
 import torch.distributed.nn.functional as dist_nn
-import torch.nn.functional as F
 from torch import nn
 
-from uniperceiver_cli.model.moe.experts import ExpertWeights
+from uniperceiver_cli.model.moe.experts import ExpertWeights, grouped_linear
 from uniperceiver_cli.model.moe.layer import TokenRoutedLinear
 
 logger = logging.getLogger(__name__)
@@ -100,13 +99,14 @@ def expert_parallel_linear(
     received = rows.new_empty((sum(recv_splits), rows.shape[-1]))
     received = _exchange(received, rows.contiguous(), recv_splits, send_splits, group)
     # received rows: source-major, then local expert
-    blocks = torch.split(received, recv_counts.tolist())
-    outs = []
-    for index, block in enumerate(blocks):
-        j = index % local
-        bias = None if experts.bias is None else experts.bias[j]
-        outs.append(F.linear(block, experts.weight[j], bias))
-    processed = torch.cat(outs, dim=0) if outs else rows.new_zeros((0, experts.out_features))
+    block_counts = recv_counts.tolist()
+    processed = grouped_linear(
+        received,
+        experts.weight,
+        experts.bias,
+        block_counts,
+        block_experts=[index % local for index in range(len(block_counts))],
+    )
     returned = processed.new_empty((rows.shape[0], experts.out_features))
     return _exchange(returned, processed, send_splits, recv_splits, group)
 

@@ -37,6 +37,87 @@ def reference_top_k(logits: Sequence[float], k: int) -> tuple[list[int], list[fl
     return ids, weights, probs[ids[0]]
 
 
+def reference_token_route(
+    logits: torch.Tensor, top_k: int, capacity: int | None, batch_prioritized: bool
+) -> tuple[list[list[int]], list[list[torch.Tensor]], list[list[bool]]]:
+    """Top-k choices, differentiable combine weights and capacity decisions, by loops.
+
+    First choices of all units are placed before any second choice; within a choice rank units go
+    in index order, or by descending top-1 probability with batch-prioritised routing. An expert
+    accepts an assignment while it holds fewer than `capacity`.
+
+    Args:
+        logits: (U, E) (noisy) gate logits; the combine weights keep their graph.
+        top_k: K.
+        capacity: C, or None for no limit.
+        batch_prioritized: sort units by their top-1 probability.
+
+    Returns:
+        Expert ids [u][k], combine weights [u][k] (0-dim tensors: p_{i_k} renormalised over the
+        K choices for K >= 2, p_{i_1} for K = 1) and kept flags [u][k].
+    """
+    num_units, num_experts = logits.shape
+    choices = [reference_top_k(row, top_k) for row in logits.tolist()]
+    order = list(range(num_units))
+    if batch_prioritized:
+        order = sorted(order, key=lambda u: -choices[u][2])
+    fill = [0] * num_experts
+    kept = [[False] * top_k for _ in range(num_units)]
+    for k in range(top_k):
+        for u in order:
+            e = choices[u][0][k]
+            if capacity is None or fill[e] < capacity:
+                fill[e] += 1
+                kept[u][k] = True
+    ids = [choice[0] for choice in choices]
+    weights: list[list[torch.Tensor]] = []
+    eps = torch.finfo(torch.float32).eps
+    for u in range(num_units):
+        probs = torch.softmax(logits[u].float(), dim=0)
+        chosen = [probs[e] for e in ids[u]]
+        if top_k == 1:
+            weights.append(chosen)
+        else:
+            norm = torch.clamp(sum(chosen[1:], chosen[0]), min=eps)
+            weights.append([p / norm for p in chosen])
+    return ids, weights, kept
+
+
+def reference_apply_experts(
+    x_units: torch.Tensor,
+    ids: Sequence[Sequence[int]],
+    weights: Sequence[Sequence[torch.Tensor | float]],
+    kept: Sequence[Sequence[bool]],
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+) -> torch.Tensor:
+    """y_u = Σ over kept k of g_{u,k} E_{i_{u,k}}(x_u), one unit and one choice at a time.
+
+    Args:
+        x_units: (U, T, Din) inputs (T tokens share each unit's decision).
+        ids: expert ids [u][k].
+        weights: combine weights [u][k].
+        kept: kept flags [u][k].
+        weight: (E, Dout, Din) expert weights.
+        bias: (E, Dout) expert biases or None.
+
+    Returns:
+        (U, T, Dout) outputs, differentiable in every tensor argument.
+    """
+    rows = []
+    for u in range(x_units.shape[0]):
+        row = x_units.new_zeros((x_units.shape[1], weight.shape[1]))
+        for k, e in enumerate(ids[u]):
+            if not kept[u][k]:
+                continue
+            expert_out = x_units[u] @ weight[e].T
+            if bias is not None:
+                expert_out = expert_out + bias[e]
+            row = row + weights[u][k] * expert_out
+        rows.append(row)
+    return torch.stack(rows)
+
+
 def reference_token_moe(
     x_units: torch.Tensor,
     logits: torch.Tensor,
@@ -46,11 +127,9 @@ def reference_token_moe(
     capacity: int | None,
     batch_prioritized: bool,
 ) -> tuple[torch.Tensor, list[list[bool]]]:
-    """Token dispatch with capacity, by loops.
+    """Token dispatch with capacity, by loops (`reference_token_route` + `reference_apply_experts`).
 
-    First choices of all units are placed before any second choice; within a choice rank units go
-    in index order, or by descending top-1 probability with batch-prioritised routing. An expert
-    accepts an assignment while it holds fewer than `capacity`.
+    Differentiable in `x_units`, `logits` (through the combine weights), `weight` and `bias`.
 
     Args:
         x_units: (U, T, Din) inputs (T tokens share each unit's decision).
@@ -64,33 +143,8 @@ def reference_token_moe(
     Returns:
         (U, T, Dout) outputs and the kept flags [u][k].
     """
-    num_units = x_units.shape[0]
-    num_experts = weight.shape[0]
-    rows = logits.tolist()
-    choices = [reference_top_k(row, top_k) for row in rows]
-    order = list(range(num_units))
-    if batch_prioritized:
-        order = sorted(order, key=lambda u: -choices[u][2])
-    fill = [0] * num_experts
-    kept = [[False] * top_k for _ in range(num_units)]
-    for k in range(top_k):
-        for u in order:
-            e = choices[u][0][k]
-            if capacity is None or fill[e] < capacity:
-                fill[e] += 1
-                kept[u][k] = True
-    out = torch.zeros(num_units, x_units.shape[1], weight.shape[1], dtype=x_units.dtype)
-    for u in range(num_units):
-        ids, weights, _ = choices[u]
-        for k in range(top_k):
-            if not kept[u][k]:
-                continue
-            e = ids[k]
-            expert_out = x_units[u] @ weight[e].T
-            if bias is not None:
-                expert_out = expert_out + bias[e]
-            out[u] += weights[k] * expert_out
-    return out, kept
+    ids, weights, kept = reference_token_route(logits, top_k, capacity, batch_prioritized)
+    return reference_apply_experts(x_units, ids, weights, kept, weight, bias), kept
 
 
 def reference_segment_mixture(
