@@ -111,56 +111,31 @@ def test_export_bundle_and_torch_export(
 
 def test_export_errors_exit_2(runner: CliRunner, official_tiny: Path, tmp_path: Path) -> None:
     out = str(tmp_path / "o")
+
+    def export(checkpoint: Path, *options: str) -> list[str]:
+        return ["export", str(checkpoint), "--out", out, *options]
+
+    moe = official_tiny / MOE_TORCH
     cases = {
-        "does not exist": ["export", str(tmp_path / "missing.pth"), "--out", out],
-        "is not one of": ["export", str(official_tiny / DENSE), "--out", out, "--format", "tar"],
-        "unknown task 'dance'": [
-            "export",
-            str(official_tiny / MOE_TORCH),
-            "--out",
-            out,
-            "--format",
-            "torch-export",
-            "--fold-for",
-            "dance",
-        ],
-        "caption decoding and MLM are not exported": [
-            "export",
-            str(official_tiny / MOE_TORCH),
-            "--out",
-            out,
-            "--format",
-            "torch-export",
-            "--fold-for",
-            "image_caption",
-        ],
-        "no row in the reference attribute table": [
-            "export",
-            str(official_tiny / MOE_TORCH),
-            "--out",
-            out,
-            "--format",
-            "onnx",
-            "--fold-for",
-            "vqa",
-        ],
-        "--fold-for applies to": [
-            "export",
-            str(official_tiny / MOE_TORCH),
-            "--out",
-            out,
-            "--fold-for",
-            "image_retrieval",
-        ],
+        "does not exist": export(tmp_path / "missing.pth"),
+        "is not one of": export(official_tiny / DENSE, "--format", "tar"),
+        "unknown task 'dance'": export(moe, "--format", "torch-export", "--fold-for", "dance"),
+        "caption decoding and MLM are not exported": export(
+            moe, "--format", "torch-export", "--fold-for", "image_caption"
+        ),
+        "no row in the reference attribute table": export(
+            moe, "--format", "onnx", "--fold-for", "vqa"
+        ),
+        "--fold-for applies to": export(moe, "--fold-for", "image_retrieval"),
     }
     truncated = tmp_path / "truncated.pth"
     data = (official_tiny / DENSE).read_bytes()
     truncated.write_bytes(data[: len(data) // 3])
-    cases["truncated"] = ["export", str(truncated), "--out", out]
+    cases["truncated"] = export(truncated)
     cases["truncated, corrupt"] = ["convert", str(truncated), "--out", out]
     foreign = tmp_path / "weights.bin"
     foreign.write_bytes(b"\0" * 10)
-    cases["expected a reference checkpoint file"] = ["export", str(foreign), "--out", out]
+    cases["expected a reference checkpoint file"] = export(foreign)
     cases["convert: does not exist"] = ["convert", str(tmp_path / "nope.pt"), "--out", out]
     for expected, argv in cases.items():
         result = runner.invoke(app, [*argv, "--json"])

@@ -7,10 +7,15 @@ inside the command body so `--help` never imports torch), render the result.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import functools
+import inspect
 import logging
 import os
 import shutil
-from collections.abc import Iterator
+import typing
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, NoReturn
 
@@ -194,7 +199,55 @@ BatchSizeOption = Annotated[
 ]
 
 
+@dataclass(frozen=True)
+class EvalRunOptions:
+    """The options `eval` and `zero-shot` share, one Typer option a field (`_with_run_options`)."""
+
+    data_root: DataRootOption = None
+    fail_under: FailUnderOption = None
+    sets: SetOption = None
+    output_dir: OutputDirOption = None
+    device: DeviceOption = None
+    batch_size: BatchSizeOption = None
+    as_json: JsonOption = False
+
+
+def _with_run_options(command: Callable[..., None]) -> Callable[..., None]:
+    """Give a command the `EvalRunOptions` options after its own parameters.
+
+    `command` declares its own Typer parameters and a last parameter `options: EvalRunOptions`.
+    Typer sees the command's parameters followed by one keyword parameter per `EvalRunOptions`
+    field (same names, annotations and defaults); the returned wrapper packs those into `options`
+    and calls `command`.
+
+    Args:
+        command: the command body.
+
+    Returns:
+        The function to register with Typer.
+    """
+    fields = dataclasses.fields(EvalRunOptions)
+    hints = typing.get_type_hints(EvalRunOptions, include_extras=True)
+    own = inspect.signature(command, eval_str=True).parameters.values()
+    shared = [
+        inspect.Parameter(
+            f.name, inspect.Parameter.KEYWORD_ONLY, default=f.default, annotation=hints[f.name]
+        )
+        for f in fields
+    ]
+
+    @functools.wraps(command)
+    def run(**kwargs: Any) -> None:
+        options = EvalRunOptions(**{f.name: kwargs.pop(f.name) for f in fields})
+        command(**kwargs, options=options)
+
+    params = [p for p in own if p.name != "options"] + shared
+    run.__signature__ = inspect.Signature(params)  # type: ignore[attr-defined]
+    return run
+
+
 @app.command("eval", context_settings=CONTEXT)
+@_with_run_options
 def evaluate(
     recipe: Annotated[
         Path | None, typer.Argument(help="Eval recipe (or use --task).", show_default=False)
@@ -210,13 +263,8 @@ def evaluate(
     checkpoint: Annotated[
         Path | None, typer.Option("--checkpoint", help="Checkpoint (with --task).")
     ] = None,
-    data_root: DataRootOption = None,
-    fail_under: FailUnderOption = None,
-    sets: SetOption = None,
-    output_dir: OutputDirOption = None,
-    device: DeviceOption = None,
-    batch_size: BatchSizeOption = None,
-    as_json: JsonOption = False,
+    *,
+    options: EvalRunOptions,
 ) -> None:
     """Evaluate a checkpoint with the paper's protocols (a recipe, or `--task NAME --checkpoint CKPT`)."""
     if recipe is None and task is None:
@@ -227,19 +275,14 @@ def evaluate(
         _usage("give either a RECIPE or --task NAME, not both")
     loaded = None
     if recipe is not None:
-        loaded = load_or_exit(recipe, sets, "eval")
+        loaded = load_or_exit(recipe, options.sets, "eval")
         if checkpoint_arg is None and checkpoint is None:
             _usage("eval RECIPE needs a CHECKPOINT argument")
     elif checkpoint is None:
         _usage("eval --task needs --checkpoint")
     ckpt = checkpoint_arg or checkpoint
     assert ckpt is not None
-    if not engine_available("uniperceiver_cli.engine.evaluate"):
-        not_available("eval", "the evaluation engine", 7, as_json=as_json)
-    _run_evaluation(
-        "eval", loaded, task, ckpt, data_root=data_root, fail_under=fail_under or [],
-        output_dir=output_dir, device=device, batch_size=batch_size, as_json=as_json,
-    )  # fmt: skip
+    _run_evaluation("eval", loaded, task, ckpt, options)
 
 
 def _exit_with(code: ExitCode, message: str, *, as_json: bool, title: str = "eval") -> NoReturn:
@@ -279,15 +322,13 @@ def _run_evaluation(
     loaded: LoadedRecipe | None,
     preset_name: str | None,
     checkpoint: Path,
-    *,
-    data_root: Path | None,
-    fail_under: list[str],
-    output_dir: Path | None,
-    device: str | None,
-    batch_size: int | None,
-    as_json: bool,
+    options: EvalRunOptions,
 ) -> None:
     """Shared body of `eval` and `zero-shot`: recipe/preset -> data -> model -> metrics -> outputs."""
+    title = command.replace("_", "-")
+    as_json = options.as_json
+    if not engine_available("uniperceiver_cli.engine.evaluate"):
+        not_available(title, "the evaluation engine", 7, as_json=as_json)
     from uniperceiver_cli.data.errors import DataError
     from uniperceiver_cli.engine.data import TaskDataError
     from uniperceiver_cli.engine.evaluate import (
@@ -298,7 +339,7 @@ def _run_evaluation(
         evaluate_tasks,
         failed_thresholds,
         parse_fail_under,
-        tasks_from_recipe,
+        resolve_tasks,
         write_outputs,
     )
     from uniperceiver_cli.engine.presets import (
@@ -312,9 +353,9 @@ def _run_evaluation(
     from uniperceiver_cli.metrics.caption import CaptionMetricsError
     from uniperceiver_cli.recipe.paths import data_root as env_data_root
 
-    title = command.replace("_", "-")
+    data_root, batch_size = options.data_root, options.batch_size
     try:
-        thresholds = parse_fail_under(fail_under)
+        thresholds = parse_fail_under(options.fail_under or [])
     except EvalError as exc:
         _exit_with(ExitCode.USAGE, str(exc), as_json=as_json, title=title)
     recipe_dir: Path | None = None
@@ -346,19 +387,15 @@ def _run_evaluation(
         check_fail_under(thresholds, available)
     except EvalError as exc:
         _exit_with(ExitCode.USAGE, str(exc), as_json=as_json, title=title)
-    dev = _pick_device(device or str(recipe.runtime.device))
+    dev = _pick_device(options.device or str(recipe.runtime.device))
     if recipe.runtime.threads:
         import torch
 
         torch.set_num_threads(int(recipe.runtime.threads))
     model, resolved = _load_model(checkpoint, dev, as_json=as_json, title=title)
     try:
-        tasks = tasks_from_recipe(
-            recipe,
-            model_image_size=model.config.image_size,
-            recipe_dir=recipe_dir,
-            data_root=data_root,
-            batch_size=batch_size,
+        tasks, _ = resolve_tasks(
+            recipe, model, recipe_dir=recipe_dir, data_root=data_root, batch_size=batch_size
         )
     except (DataError, TaskDataError, PresetDataError, ValueError) as exc:
         formats = sorted({t.data.format for t in recipe.tasks})
@@ -370,7 +407,7 @@ def _run_evaluation(
         _exit_with(
             ExitCode.USAGE, "the recipe has no task to evaluate", as_json=as_json, title=title
         )
-    out_dir = output_dir or Path(recipe.run.output_dir or Path("runs") / f"eval-{name}")
+    out_dir = options.output_dir or Path(recipe.run.output_dir or Path("runs") / f"eval-{name}")
     try:
         result = evaluate_tasks(
             model,
@@ -428,6 +465,7 @@ def _render_metrics(result: Any, out_dir: Path, failures: list[dict[str, Any]]) 
 
 
 @zero_shot_app.callback()
+@_with_run_options
 def zero_shot(
     ctx: typer.Context,
     recipe: Annotated[Path | None, typer.Option("--recipe", help="Zero-shot recipe.")] = None,
@@ -437,13 +475,8 @@ def zero_shot(
     checkpoint: Annotated[
         Path | None, typer.Option("--checkpoint", help="Checkpoint to evaluate.")
     ] = None,
-    data_root: DataRootOption = None,
-    fail_under: FailUnderOption = None,
-    sets: SetOption = None,
-    output_dir: OutputDirOption = None,
-    device: DeviceOption = None,
-    batch_size: BatchSizeOption = None,
-    as_json: JsonOption = False,
+    *,
+    options: EvalRunOptions,
 ) -> None:
     """Evaluate task types the checkpoint never trained on, or run `classify`/`caption`/`retrieve` on files."""
     if ctx.invoked_subcommand is not None:
@@ -453,15 +486,10 @@ def zero_shot(
         raise typer.Exit(ExitCode.USAGE)
     if recipe is not None and task is not None:
         _usage("give either --recipe or --task, not both")
-    loaded = load_or_exit(recipe, sets, "zero_shot") if recipe is not None else None
+    loaded = load_or_exit(recipe, options.sets, "zero_shot") if recipe is not None else None
     if checkpoint is None:
         _usage("zero-shot needs --checkpoint")
-    if not engine_available("uniperceiver_cli.engine.evaluate"):
-        not_available("zero-shot", "the evaluation engine", 7, as_json=as_json)
-    _run_evaluation(
-        "zero_shot", loaded, task, checkpoint, data_root=data_root, fail_under=fail_under or [],
-        output_dir=output_dir, device=device, batch_size=batch_size, as_json=as_json,
-    )  # fmt: skip
+    _run_evaluation("zero_shot", loaded, task, checkpoint, options)
 
 
 FramesOption = Annotated[

@@ -71,6 +71,7 @@ __all__ = [
     "checkpoint_sha256",
     "evaluate_tasks",
     "parse_fail_under",
+    "resolve_tasks",
     "tasks_from_recipe",
     "vocabulary_features_cached",
     "write_outputs",
@@ -634,6 +635,43 @@ def _single_view(pixels: Tensor) -> Tensor:
     return pixels
 
 
+def _encode_candidates(
+    model: UniPerceiver,
+    task: EvalTask,
+    names: Sequence[str],
+    device: torch.device,
+    *,
+    kind: Literal["classes", "labels"],
+) -> Tensor:
+    """Encode the class names or label words a task scores against (one group per token length).
+
+    Args:
+        model: the model.
+        task: the task (its name prefixes the routing task name `<task>.<kind>` of the target set).
+        names: C strings, tokenised as `[name tokens..., EOT]`.
+        device: where to encode.
+        kind: `classes` (class names) or `labels` (label words).
+
+    Returns:
+        Projected features (C, D).
+
+    Raises:
+        EvalError: when there are no names.
+    """
+    if not names:
+        what = "class names" if kind == "classes" else "label words"
+        raise EvalError(f"task {task.name!r}: the data has no {what} to score against")
+    tokens = tokenize_names(names)
+    feats, _ = encode_bucketed(
+        model,
+        tokens.ids.to(device),
+        tokens.padding.to(device),
+        kind=kind,
+        task=f"{task.name}.{kind}",
+    )
+    return feats
+
+
 def _select(metrics: dict[str, float], wanted: tuple[str, ...] | None) -> dict[str, float]:
     if wanted is None:
         return metrics
@@ -644,17 +682,8 @@ def _eval_classification(model: UniPerceiver, task: EvalTask, device: torch.devi
     from uniperceiver_cli.metrics.classification import multiview_probabilities, topk_accuracy
 
     spec = task.spec
-    names = task.data.class_names
-    if not names:
-        raise EvalError(f"task {task.name!r}: the data has no class names to score against")
-    tokens = tokenize_names([n[0] for n in names])
-    classes, _ = encode_bucketed(
-        model,
-        tokens.ids.to(device),
-        tokens.padding.to(device),
-        kind="classes",
-        task=f"{task.name}.classes",
-    )
+    first_names = [n[0] for n in task.data.class_names or ()]
+    classes = _encode_candidates(model, task, first_names, device, kind="classes")
     temp = _temperature(spec)
     scores: list[Tensor] = []
     labels: list[Tensor] = []
@@ -894,17 +923,8 @@ def _eval_cloze(model: UniPerceiver, task: EvalTask, device: torch.device) -> Ta
     from uniperceiver_cli.metrics.glue import accuracy, glue_metrics
 
     spec = task.spec
-    words = task.data.label_words
-    if not words:
-        raise EvalError(f"task {task.name!r}: the data has no label words to score against")
-    tokens = tokenize_names(list(words))
-    label_feats, _ = encode_bucketed(
-        model,
-        tokens.ids.to(device),
-        tokens.padding.to(device),
-        kind="labels",
-        task=f"{task.name}.labels",
-    )
+    words = task.data.label_words or ()
+    label_feats = _encode_candidates(model, task, list(words), device, kind="labels")
     preds: list[int] = []
     labels: list[int] = []
     indices: list[int] = []
@@ -977,15 +997,31 @@ def _versions() -> dict[str, str]:
     }
 
 
-def _as_tasks(
+def resolve_tasks(
     recipe_or_tasks: Any,
     model: UniPerceiver,
     *,
-    recipe_dir: str | Path | None,
-    data_root: str | Path | None,
-    batch_size: int | None,
+    recipe_dir: str | Path | None = None,
+    data_root: str | Path | None = None,
+    batch_size: int | None = None,
 ) -> tuple[list[EvalTask], Any]:
-    """Normalise the second argument of `evaluate_tasks` to (tasks, recipe or None)."""
+    """The evaluation tasks of a recipe for `model` (its image size), as `evaluate_tasks` runs them.
+
+    Args:
+        recipe_or_tasks: a recipe root model, a `LoadedRecipe` or a sequence of `EvalTask`.
+        model: the model to evaluate.
+        recipe_dir: folder relative data paths fall back to (default: the recipe file's folder,
+            else cwd).
+        data_root: overrides the recipe's data root.
+        batch_size: overrides the evaluation batch size.
+
+    Returns:
+        The tasks in recipe order, and the recipe (None when tasks were given).
+
+    Raises:
+        TaskDataError, DataError: the data cannot be opened.
+        EvalError: the argument is neither a recipe nor tasks.
+    """
     recipe = recipe_or_tasks
     if hasattr(recipe, "recipe") and hasattr(recipe, "path"):  # a LoadedRecipe
         recipe_dir = recipe_dir if recipe_dir is not None else Path(recipe.path).parent
@@ -1050,7 +1086,7 @@ def evaluate_tasks(
     dev = torch.device(device) if device is not None else params.device
     if dev != params.device:
         model.to(dev)
-    tasks, recipe = _as_tasks(
+    tasks, recipe = resolve_tasks(
         recipe_or_tasks, model, recipe_dir=recipe_dir, data_root=data_root, batch_size=batch_size
     )
     if precision is None:

@@ -126,32 +126,168 @@ def _glue(name: str, task: str) -> EvalPreset:
     )
 
 
-def _toy(
-    name: str, task: Mapping[str, Any], evaluation: Mapping[str, Any], what: str
+#: Task settings and evaluation protocol of each task type of the paired presets (SPEC §6-§7).
+_CAPTION_DECODING: Mapping[str, Any] = {"beam_size": 2, "max_len": 21, "length_penalty": 2.0}
+_VIDEO_CLIPS: Mapping[str, Any] = {"batch_size": 16, "num_frames": 4, "frame_stride": 32}
+_PROTOCOLS: dict[str, tuple[Mapping[str, Any], Mapping[str, Any]]] = {
+    "image_retrieval": ({"batch_size": 128, "max_text_len": 30}, {"batch_size": 128}),
+    "image_caption": (
+        {"batch_size": 64, "max_text_len": 30},
+        {"batch_size": 64, **_CAPTION_DECODING},
+    ),
+    "video_retrieval": ({**_VIDEO_CLIPS, "max_text_len": 77}, {"batch_size": 16}),
+    "video_caption": (
+        {**_VIDEO_CLIPS, "max_text_len": 77},
+        {"batch_size": 16, **_CAPTION_DECODING},
+    ),
+}
+
+
+@dataclass(frozen=True)
+class _Source:
+    """The test split of a dataset that a retrieval and a captioning preset both read.
+
+    Attributes:
+        data: the recipe `data` section.
+        expects: files and folders read under the data root.
+        layout: the expected folder layout.
+    """
+
+    data: Mapping[str, Any]
+    expects: tuple[ExpectedPath, ...]
+    layout: str
+
+
+_COCO = _Source(
+    data={
+        "format": "coco_captions",
+        "split": "test",
+        "annotation_file": "mscoco/captions_test5k.json",
+        "images_dir": "mscoco",
+    },
+    expects=(ExpectedPath("mscoco/captions_test5k.json", "file", "Karpathy test 5k captions"),),
+    layout=(
+        "<data-root>/mscoco/captions_test5k.json   (Karpathy test split, COCO caption format: "
+        '{"images": [{"id", "file_name", "file_path"}], "annotations": [{"image_id", "caption"}]})\n'
+        "<data-root>/mscoco/val2014/COCO_val2014_000000000042.jpg ...   (images at <file_path>/<file_name>)"
+    ),
+)
+_FLICKR = _Source(
+    data={
+        "format": "karpathy",
+        "split": "test",
+        "annotation_file": "flickr30k/dataset_flickr30k.json",
+        "images_dir": "flickr30k/flickr30k-images",
+    },
+    expects=(
+        ExpectedPath("flickr30k/dataset_flickr30k.json", "file", "Karpathy's Flickr30k split"),
+        ExpectedPath("flickr30k/flickr30k-images", "dir", "the Flickr30k images"),
+    ),
+    layout=(
+        "<data-root>/flickr30k/dataset_flickr30k.json   (Karpathy's split file; records with "
+        '"filename", "split", "sentences")\n'
+        "<data-root>/flickr30k/flickr30k-images/1000092795.jpg ...   (the 31,783 Flickr30k images)"
+    ),
+)
+_MSVD = _Source(
+    data={
+        "format": "video_captions",
+        "split": "test",
+        "annotation_file": "msvd/caption_msvd_test_cocostyle.json",
+        "videos_dir": "msvd/videos",
+        "extension": ".avi",
+    },
+    expects=(
+        ExpectedPath("msvd/caption_msvd_test_cocostyle.json", "file", "MSVD test captions"),
+        ExpectedPath("msvd/videos", "dir", "the MSVD .avi clips"),
+    ),
+    layout=(
+        "<data-root>/msvd/caption_msvd_test_cocostyle.json   (COCO-style: images[].file_name = YouTube "
+        "clip name, annotations[].caption)\n"
+        "<data-root>/msvd/videos/<file_name>.avi ...   (the MSVD clips, YouTubeClips)"
+    ),
+)
+_MSRVTT = _Source(
+    data={
+        "format": "video_captions",
+        "split": "test",
+        "annotation_file": "msrvtt/caption_msrvtt_1k_test_cocostyle.json",
+        "videos_dir": "msrvtt/videos",
+        "extension": ".mp4",
+    },
+    expects=(
+        ExpectedPath(
+            "msrvtt/caption_msrvtt_1k_test_cocostyle.json",
+            "file",
+            "MSR-VTT 1k-A test, one caption per video",
+        ),
+        ExpectedPath("msrvtt/videos", "dir", "video<N>.mp4 clips"),
+    ),
+    layout=(
+        "<data-root>/msrvtt/caption_msrvtt_1k_test_cocostyle.json   (COCO-style, "
+        "images[].file_name = 'video7010')\n"
+        "<data-root>/msrvtt/videos/video7010.mp4 ..."
+    ),
+)
+
+
+def _paired(
+    name: str, task_type: str, source: _Source, description: str, reported: str
 ) -> EvalPreset:
+    """A retrieval or captioning preset: the `_PROTOCOLS` row of `task_type` run on `source`.
+
+    The recipe task is named after the preset, in snake case (`coco-caption` -> `coco_caption`).
+    """
+    fields, evaluation = _PROTOCOLS[task_type]
+    return EvalPreset(
+        name=name,
+        description=description,
+        task={
+            "name": name.replace("-", "_"),
+            "type": task_type,
+            **fields,
+            "data": dict(source.data),
+        },
+        evaluation=dict(evaluation),
+        expects=source.expects,
+        layout=source.layout,
+        reported=reported,
+    )
+
+
+def _toy(
+    name: str,
+    task_name: str,
+    task_type: str,
+    num_samples: int,
+    what: str,
+    decoding: Mapping[str, Any] | None = None,
+) -> EvalPreset:
+    """A preset on the built-in toy world's val split (32-pixel images, in memory).
+
+    Video tasks read 4-frame clips in batches of 16, image tasks batches of 64; every task but image
+    classification has 16-token texts. `decoding` adds the caption beam search settings.
+    """
+    video = task_type.startswith("video_")
+    batch_size = 16 if video else 64
+    task: dict[str, Any] = {"name": task_name, "type": task_type, "batch_size": batch_size}
+    data: dict[str, Any] = {
+        "format": "toy",
+        "split": "val",
+        "num_samples": num_samples,
+        "image_size": 32,
+    }
+    if video:
+        task["num_frames"] = data["num_frames"] = 4
+    if task_type != "image_classification":
+        task["max_text_len"] = 16
+    task["data"] = data
     return EvalPreset(
         name=name,
         description=f"{what} on the built-in toy world (in memory, no files)",
         task=task,
-        evaluation=evaluation,
+        evaluation={"batch_size": batch_size, **(decoding or {})},
     )
-
-
-_COCO_LAYOUT = (
-    "<data-root>/mscoco/captions_test5k.json   (Karpathy test split, COCO caption format: "
-    '{"images": [{"id", "file_name", "file_path"}], "annotations": [{"image_id", "caption"}]})\n'
-    "<data-root>/mscoco/val2014/COCO_val2014_000000000042.jpg ...   (images at <file_path>/<file_name>)"
-)
-_FLICKR_LAYOUT = (
-    "<data-root>/flickr30k/dataset_flickr30k.json   (Karpathy's split file; records with "
-    '"filename", "split", "sentences")\n'
-    "<data-root>/flickr30k/flickr30k-images/1000092795.jpg ...   (the 31,783 Flickr30k images)"
-)
-_MSVD_LAYOUT = (
-    "<data-root>/msvd/caption_msvd_test_cocostyle.json   (COCO-style: images[].file_name = YouTube clip "
-    "name, annotations[].caption)\n"
-    "<data-root>/msvd/videos/<file_name>.avi ...   (the MSVD clips, YouTubeClips)"
-)
 
 
 def _build_presets() -> dict[str, EvalPreset]:
@@ -231,185 +367,54 @@ def _build_presets() -> dict[str, EvalPreset]:
             ),
             reported="SPEC §9.1 column K400",
         ),
-        EvalPreset(
-            name="coco-retrieval",
-            description="COCO Karpathy test 5k image-text retrieval, R@1/5/10 both directions",
-            task={
-                "name": "coco_retrieval",
-                "type": "image_retrieval",
-                "batch_size": 128,
-                "max_text_len": 30,
-                "data": {
-                    "format": "coco_captions",
-                    "split": "test",
-                    "annotation_file": "mscoco/captions_test5k.json",
-                    "images_dir": "mscoco",
-                },
-            },
-            evaluation={"batch_size": 128},
-            expects=(
-                ExpectedPath("mscoco/captions_test5k.json", "file", "Karpathy test 5k captions"),
-            ),
-            layout=_COCO_LAYOUT,
-            reported="SPEC §9.1 columns Coco i2t / t2i",
+        _paired(
+            "coco-retrieval",
+            "image_retrieval",
+            _COCO,
+            "COCO Karpathy test 5k image-text retrieval, R@1/5/10 both directions",
+            "SPEC §9.1 columns Coco i2t / t2i",
         ),
-        EvalPreset(
-            name="flickr30k-retrieval",
-            description="Flickr30k Karpathy test 1k image-text retrieval, R@1/5/10 both directions",
-            task={
-                "name": "flickr30k_retrieval",
-                "type": "image_retrieval",
-                "batch_size": 128,
-                "max_text_len": 30,
-                "data": {
-                    "format": "karpathy",
-                    "split": "test",
-                    "annotation_file": "flickr30k/dataset_flickr30k.json",
-                    "images_dir": "flickr30k/flickr30k-images",
-                },
-            },
-            evaluation={"batch_size": 128},
-            expects=(
-                ExpectedPath(
-                    "flickr30k/dataset_flickr30k.json", "file", "Karpathy's Flickr30k split"
-                ),
-                ExpectedPath("flickr30k/flickr30k-images", "dir", "the Flickr30k images"),
-            ),
-            layout=_FLICKR_LAYOUT,
-            reported="SPEC §9.1 columns F30k i2t / t2i",
+        _paired(
+            "flickr30k-retrieval",
+            "image_retrieval",
+            _FLICKR,
+            "Flickr30k Karpathy test 1k image-text retrieval, R@1/5/10 both directions",
+            "SPEC §9.1 columns F30k i2t / t2i",
         ),
-        EvalPreset(
-            name="coco-caption",
-            description="COCO Karpathy test 5k captioning, beam 2, max 21 tokens, length penalty 2.0",
-            task={
-                "name": "coco_caption",
-                "type": "image_caption",
-                "batch_size": 64,
-                "max_text_len": 30,
-                "data": {
-                    "format": "coco_captions",
-                    "split": "test",
-                    "annotation_file": "mscoco/captions_test5k.json",
-                    "images_dir": "mscoco",
-                },
-            },
-            evaluation={"batch_size": 64, "beam_size": 2, "max_len": 21, "length_penalty": 2.0},
-            expects=(
-                ExpectedPath("mscoco/captions_test5k.json", "file", "Karpathy test 5k captions"),
-            ),
-            layout=_COCO_LAYOUT,
-            reported="SPEC §9.1 column CocoCap (BLEU-4)",
+        _paired(
+            "coco-caption",
+            "image_caption",
+            _COCO,
+            "COCO Karpathy test 5k captioning, beam 2, max 21 tokens, length penalty 2.0",
+            "SPEC §9.1 column CocoCap (BLEU-4)",
         ),
-        EvalPreset(
-            name="flickr30k-caption",
-            description="Flickr30k Karpathy test captioning, beam 2, max 21 tokens, length penalty 2.0",
-            task={
-                "name": "flickr30k_caption",
-                "type": "image_caption",
-                "batch_size": 64,
-                "max_text_len": 30,
-                "data": {
-                    "format": "karpathy",
-                    "split": "test",
-                    "annotation_file": "flickr30k/dataset_flickr30k.json",
-                    "images_dir": "flickr30k/flickr30k-images",
-                },
-            },
-            evaluation={"batch_size": 64, "beam_size": 2, "max_len": 21, "length_penalty": 2.0},
-            expects=(
-                ExpectedPath(
-                    "flickr30k/dataset_flickr30k.json", "file", "Karpathy's Flickr30k split"
-                ),
-                ExpectedPath("flickr30k/flickr30k-images", "dir", "the Flickr30k images"),
-            ),
-            layout=_FLICKR_LAYOUT,
-            reported="SPEC §9.1 column F30kCap (BLEU-4)",
+        _paired(
+            "flickr30k-caption",
+            "image_caption",
+            _FLICKR,
+            "Flickr30k Karpathy test captioning, beam 2, max 21 tokens, length penalty 2.0",
+            "SPEC §9.1 column F30kCap (BLEU-4)",
         ),
-        EvalPreset(
-            name="msvd-retrieval",
-            description="MSVD test video-text retrieval (a novel task), 4 frames, R@1/5/10",
-            task={
-                "name": "msvd_retrieval",
-                "type": "video_retrieval",
-                "batch_size": 16,
-                "num_frames": 4,
-                "frame_stride": 32,
-                "max_text_len": 77,
-                "data": {
-                    "format": "video_captions",
-                    "split": "test",
-                    "annotation_file": "msvd/caption_msvd_test_cocostyle.json",
-                    "videos_dir": "msvd/videos",
-                    "extension": ".avi",
-                },
-            },
-            evaluation={"batch_size": 16},
-            expects=(
-                ExpectedPath("msvd/caption_msvd_test_cocostyle.json", "file", "MSVD test captions"),
-                ExpectedPath("msvd/videos", "dir", "the MSVD .avi clips"),
-            ),
-            layout=_MSVD_LAYOUT,
-            reported="SPEC §9.1 columns MSVD v2t / t2v",
+        _paired(
+            "msvd-retrieval",
+            "video_retrieval",
+            _MSVD,
+            "MSVD test video-text retrieval (a novel task), 4 frames, R@1/5/10",
+            "SPEC §9.1 columns MSVD v2t / t2v",
         ),
-        EvalPreset(
-            name="msvd-caption",
-            description="MSVD test video captioning (a novel task), 4 frames, beam 2, length penalty 2.0",
-            task={
-                "name": "msvd_caption",
-                "type": "video_caption",
-                "batch_size": 16,
-                "num_frames": 4,
-                "frame_stride": 32,
-                "max_text_len": 77,
-                "data": {
-                    "format": "video_captions",
-                    "split": "test",
-                    "annotation_file": "msvd/caption_msvd_test_cocostyle.json",
-                    "videos_dir": "msvd/videos",
-                    "extension": ".avi",
-                },
-            },
-            evaluation={"batch_size": 16, "beam_size": 2, "max_len": 21, "length_penalty": 2.0},
-            expects=(
-                ExpectedPath("msvd/caption_msvd_test_cocostyle.json", "file", "MSVD test captions"),
-                ExpectedPath("msvd/videos", "dir", "the MSVD .avi clips"),
-            ),
-            layout=_MSVD_LAYOUT,
-            reported="SPEC §9.1 column MSVD Cap (BLEU-4)",
+        _paired(
+            "msvd-caption",
+            "video_caption",
+            _MSVD,
+            "MSVD test video captioning (a novel task), 4 frames, beam 2, length penalty 2.0",
+            "SPEC §9.1 column MSVD Cap (BLEU-4)",
         ),
-        EvalPreset(
-            name="msrvtt-retrieval",
-            description="MSR-VTT 1k-A test video-text retrieval, 4 frames, R@1/5/10",
-            task={
-                "name": "msrvtt_retrieval",
-                "type": "video_retrieval",
-                "batch_size": 16,
-                "num_frames": 4,
-                "frame_stride": 32,
-                "max_text_len": 77,
-                "data": {
-                    "format": "video_captions",
-                    "split": "test",
-                    "annotation_file": "msrvtt/caption_msrvtt_1k_test_cocostyle.json",
-                    "videos_dir": "msrvtt/videos",
-                    "extension": ".mp4",
-                },
-            },
-            evaluation={"batch_size": 16},
-            expects=(
-                ExpectedPath(
-                    "msrvtt/caption_msrvtt_1k_test_cocostyle.json",
-                    "file",
-                    "MSR-VTT 1k-A test, one caption per video",
-                ),
-                ExpectedPath("msrvtt/videos", "dir", "video<N>.mp4 clips"),
-            ),
-            layout=(
-                "<data-root>/msrvtt/caption_msrvtt_1k_test_cocostyle.json   (COCO-style, "
-                "images[].file_name = 'video7010')\n"
-                "<data-root>/msrvtt/videos/video7010.mp4 ..."
-            ),
-            reported="none (the reference's MSR-VTT config is unfinished, SPEC §6)",
+        _paired(
+            "msrvtt-retrieval",
+            "video_retrieval",
+            _MSRVTT,
+            "MSR-VTT 1k-A test video-text retrieval, 4 frames, R@1/5/10",
+            "none (the reference's MSR-VTT config is unfinished, SPEC §6)",
         ),
         _glue("sst2", "SST-2"),
         _glue("mrpc", "MRPC"),
@@ -420,76 +425,34 @@ def _build_presets() -> dict[str, EvalPreset]:
         _glue("cola", "CoLA"),
         _toy(
             "toy-classification",
-            {
-                "name": "toy_cls",
-                "type": "image_classification",
-                "batch_size": 64,
-                "data": {"format": "toy", "split": "val", "num_samples": 128, "image_size": 32},
-            },
-            {"batch_size": 64},
+            "toy_cls",
+            "image_classification",
+            128,
             "Shape classification (5 classes)",
         ),
-        _toy(
-            "toy-retrieval",
-            {
-                "name": "toy_retrieve",
-                "type": "image_retrieval",
-                "batch_size": 64,
-                "max_text_len": 16,
-                "data": {"format": "toy", "split": "val", "num_samples": 128, "image_size": 32},
-            },
-            {"batch_size": 64},
-            "Image-text retrieval",
-        ),
+        _toy("toy-retrieval", "toy_retrieve", "image_retrieval", 128, "Image-text retrieval"),
         _toy(
             "toy-caption",
-            {
-                "name": "toy_caption",
-                "type": "image_caption",
-                "batch_size": 64,
-                "max_text_len": 16,
-                "data": {"format": "toy", "split": "val", "num_samples": 64, "image_size": 32},
-            },
-            {"batch_size": 64, "beam_size": 2, "max_len": 16, "length_penalty": 0.0},
+            "toy_caption",
+            "image_caption",
+            64,
             "Image captioning",
+            {"beam_size": 2, "max_len": 16, "length_penalty": 0.0},
         ),
         _toy(
             "toy-video-retrieval",
-            {
-                "name": "toy_video_retrieve",
-                "type": "video_retrieval",
-                "batch_size": 16,
-                "num_frames": 4,
-                "max_text_len": 16,
-                "data": {
-                    "format": "toy",
-                    "split": "val",
-                    "num_samples": 64,
-                    "image_size": 32,
-                    "num_frames": 4,
-                },
-            },
-            {"batch_size": 16},
+            "toy_video_retrieve",
+            "video_retrieval",
+            64,
             "Video-text retrieval (a task type the toy quickstart never trains)",
         ),
         _toy(
             "toy-video-caption",
-            {
-                "name": "toy_video_caption",
-                "type": "video_caption",
-                "batch_size": 16,
-                "num_frames": 4,
-                "max_text_len": 16,
-                "data": {
-                    "format": "toy",
-                    "split": "val",
-                    "num_samples": 32,
-                    "image_size": 32,
-                    "num_frames": 4,
-                },
-            },
-            {"batch_size": 16, "beam_size": 2, "max_len": 16, "length_penalty": 2.0},
+            "toy_video_caption",
+            "video_caption",
+            32,
             "Video captioning (a task type the toy quickstart never trains)",
+            {"beam_size": 2, "max_len": 16, "length_penalty": 2.0},
         ),
     ]
     return {p.name: p for p in presets}

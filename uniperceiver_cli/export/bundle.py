@@ -26,13 +26,13 @@ import logging
 import os
 import platform
 import shutil
-import tempfile
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from uniperceiver_cli import __version__
+from uniperceiver_cli.atomic import atomic_directory
 from uniperceiver_cli.export.errors import ExportError, ExportInputError
 
 logger = logging.getLogger(__name__)
@@ -82,21 +82,9 @@ def atomic_folder(target: str | os.PathLike[str]) -> Iterator[Path]:
             f"{final} already exists and is not an export of uniperceiver-cli (no {MANIFEST_FILE}); "
             "choose another --out or remove it"
         )
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
-    try:
+    with atomic_directory(final) as tmp:
         yield tmp
         _readable(tmp)
-        old: Path | None = None
-        if final.exists():
-            old = final.with_name(f".{final.name}.old-{os.getpid()}")
-            final.rename(old)
-        tmp.rename(final)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def _readable(folder: Path) -> None:

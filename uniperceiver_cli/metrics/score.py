@@ -45,6 +45,25 @@ def _image_id(value: Any, path: Path, where: str) -> int | str:
     return value
 
 
+def _check_caption_record(record: Any, path: Path, where: str, missing_hint: str = "") -> None:
+    """Check that a record is an object with the keys 'image_id' and 'caption' (not their values).
+
+    Args:
+        record: the parsed JSON value.
+        path: the file it came from (for messages).
+        where: its position, e.g. `record 3` or `annotations[3]`.
+        missing_hint: appended to the message when a key is missing.
+
+    Raises:
+        MetricsInputError: naming the file, the position and the problem.
+    """
+    if not isinstance(record, dict):
+        raise MetricsInputError(f"{path}: {where}: expected an object, found {record!r:.60}")
+    for key in ("image_id", "caption"):
+        if key not in record:
+            raise MetricsInputError(f"{path}: {where}: missing '{key}'{missing_hint}")
+
+
 def _read_results(path: Path) -> dict[int | str, str]:
     data = _load_json(path, "results")
     if not isinstance(data, list):
@@ -56,13 +75,7 @@ def _read_results(path: Path) -> dict[int | str, str]:
     duplicates = 0
     for index, record in enumerate(data):
         where = f"record {index}"
-        if not isinstance(record, dict):
-            raise MetricsInputError(f"{path}: {where}: expected an object, found {record!r:.60}")
-        for key in ("image_id", "caption"):
-            if key not in record:
-                raise MetricsInputError(
-                    f"{path}: {where}: missing '{key}' (each result needs 'image_id' and 'caption')"
-                )
+        _check_caption_record(record, path, where, " (each result needs 'image_id' and 'caption')")
         image_id = _image_id(record["image_id"], path, where)
         if not isinstance(record["caption"], str):
             raise MetricsInputError(
@@ -102,11 +115,7 @@ def _read_annotations(path: Path) -> dict[int | str, list[str]]:
         raise MetricsInputError(f"{path}: 'annotations' must be a list")
     for index, ann in enumerate(annotations):
         where = f"annotations[{index}]"
-        if not isinstance(ann, dict):
-            raise MetricsInputError(f"{path}: {where}: expected an object, found {ann!r:.60}")
-        for key in ("image_id", "caption"):
-            if key not in ann:
-                raise MetricsInputError(f"{path}: {where}: missing '{key}'")
+        _check_caption_record(ann, path, where)
         if not isinstance(ann["caption"], str):
             raise MetricsInputError(f"{path}: {where}: 'caption' must be a string")
         references.setdefault(_image_id(ann["image_id"], path, where), []).append(ann["caption"])

@@ -17,8 +17,6 @@ import math
 import os
 import pickle
 import re
-import shutil
-import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,6 +25,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from uniperceiver_cli.atomic import atomic_directory
 from uniperceiver_cli.model.build import build_model
 from uniperceiver_cli.model.config import LOGIT_SCALE_NAMES, ModelConfig, MoEConfig, PromptConfig
 from uniperceiver_cli.model.embed import sincos_table
@@ -148,23 +147,11 @@ def save_pretrained(model: UniPerceiver, directory: str | os.PathLike[str]) -> P
     from safetensors.torch import save_file
 
     target = Path(directory)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
-    try:
+    with atomic_directory(target) as tmp:
         state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
         save_file(state, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
         meta = {"format_version": FORMAT_VERSION, "model_config": config_to_dict(model.config)}
         (tmp / CONFIG_FILE).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
-        old: Path | None = None
-        if target.exists():
-            old = target.with_name(f".{target.name}.old-{os.getpid()}")
-            target.rename(old)
-        tmp.rename(target)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return target
 
 

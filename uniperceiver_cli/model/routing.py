@@ -169,28 +169,26 @@ def input_segments(
     """
     input_visual = task_type in VISUAL_INPUT_TASKS
     input_text = task_type in TEXT_INPUT_TASKS
-    causal = task_type in ("image_caption", "video_caption")
-    segs: list[Segment] = []
-    spe = 1
-    if visual_len > 0:
-        row = attribute_row(
+
+    def row(token_visual: bool, causal: bool) -> tuple[int, ...]:
+        return attribute_row(
             input_visual=input_visual,
             input_text=input_text,
-            token_visual=True,
-            target_sequence=False,
-            causal=False,
-        )
-        segs.append(Segment(spe + visual_len, visual_modality, row))
-        spe = 0
-    if text_len > 0 or not segs:
-        row = attribute_row(
-            input_visual=input_visual,
-            input_text=input_text,
-            token_visual=False,
+            token_visual=token_visual,
             target_sequence=False,
             causal=causal,
         )
-        segs.append(Segment(spe + text_len, "text", row))
+
+    segs: list[Segment] = []
+    spe = 1
+    if visual_len > 0:
+        segs.append(
+            Segment(spe + visual_len, visual_modality, row(token_visual=True, causal=False))
+        )
+        spe = 0
+    if text_len > 0 or not segs:
+        caption = task_type in ("image_caption", "video_caption")
+        segs.append(Segment(spe + text_len, "text", row(token_visual=False, causal=caption)))
     return tuple(segs)
 
 

@@ -228,31 +228,8 @@ class UniPerceiver(nn.Module):
             cache=out.cache,
         )
 
-    def forward(
-        self,
-        *,
-        task_type: str,
-        task: str | None = None,
-        visual: Tensor | None = None,
-        text_ids: Tensor | None = None,
-        text_padding: Tensor | None = None,
-        text_positions: Tensor | None = None,
-        attn_mask: Tensor | None = None,
-        target_kind: TargetKind | None = None,
-        generator: torch.Generator | None = None,
-    ) -> ModelOutput:
-        """Encode one sequence batch; see `encode` (the MoE aux outputs are in `ModelOutput.aux`)."""
-        return self.encode(
-            task_type=task_type,
-            task=task,
-            visual=visual,
-            text_ids=text_ids,
-            text_padding=text_padding,
-            text_positions=text_positions,
-            attn_mask=attn_mask,
-            target_kind=target_kind,
-            generator=generator,
-        )
+    #: `model(...)` is `model.encode(...)` (the MoE aux outputs are in `ModelOutput.aux`).
+    forward = encode
 
     def routing_for(
         self,

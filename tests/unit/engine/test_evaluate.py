@@ -49,6 +49,25 @@ def model() -> UniPerceiver:
     return random_model()
 
 
+def toy_task(
+    name: str, task_type: str, num_samples: int, *, frames: int = 0, **fields: object
+) -> dict[str, object]:
+    """A recipe task on `num_samples` items of the toy world's val split, in batches of 8.
+
+    Args:
+        name: task name.
+        task_type: recipe task type.
+        num_samples: size of the split.
+        frames: frames per video (task and data), 0 for image tasks.
+        **fields: further task settings, e.g. `max_text_len`.
+    """
+    data: dict[str, object] = {"format": "toy", "split": "val", "num_samples": num_samples}
+    task: dict[str, object] = {"name": name, "type": task_type, "batch_size": 8, **fields}
+    if frames:
+        task["num_frames"] = data["num_frames"] = frames
+    return {**task, "data": data}
+
+
 def toy_recipe(task: dict[str, object], **evaluation: object) -> object:
     raw = {
         "command": "eval",
@@ -192,19 +211,8 @@ def test_retrieval_identical_across_runs_and_batch_sizes(model: UniPerceiver) ->
 
 
 def test_classification_and_cloze_identical_across_batch_sizes(model: UniPerceiver) -> None:
-    cls = {
-        "name": "cls",
-        "type": "image_classification",
-        "batch_size": 8,
-        "data": {"format": "toy", "split": "val", "num_samples": 40},
-    }
-    cloze = {
-        "name": "pairs",
-        "type": "text_classification",
-        "batch_size": 8,
-        "max_text_len": 32,
-        "data": {"format": "toy", "split": "val", "num_samples": 40},
-    }
+    cls = toy_task("cls", "image_classification", 40)
+    cloze = toy_task("pairs", "text_classification", 40, max_text_len=32)
     raw = {"command": "eval", "run": {"name": "t"}, "tasks": [cls, cloze]}
     big = evaluate_tasks(
         model, ROOTS["eval"].model_validate({**raw, "evaluation": {"batch_size": 40}})
@@ -222,13 +230,7 @@ def test_classification_and_cloze_identical_across_batch_sizes(model: UniPerceiv
 
 
 def test_video_views_average_softmax(model: UniPerceiver) -> None:
-    task = {
-        "name": "motion",
-        "type": "video_classification",
-        "batch_size": 8,
-        "num_frames": 4,
-        "data": {"format": "toy", "split": "val", "num_samples": 12, "num_frames": 4},
-    }
+    task = toy_task("motion", "video_classification", 12, frames=4)
     one = evaluate_tasks(model, toy_recipe(task))
     three = evaluate_tasks(model, toy_recipe(task, temporal_views=3))
     # toy views are identical clips: the mean of equal softmaxes ranks like the single view
@@ -244,13 +246,7 @@ def test_caption_predictions_vocab_cache_and_outputs(model: UniPerceiver, tmp_pa
     from uniperceiver_cli.model.checkpoint import save_pretrained
 
     ckpt = save_pretrained(model, tmp_path / "ckpt")
-    task = {
-        "name": "cap",
-        "type": "image_caption",
-        "batch_size": 8,
-        "max_text_len": 16,
-        "data": {"format": "toy", "split": "val", "num_samples": 6},
-    }
+    task = toy_task("cap", "image_caption", 6, max_text_len=16)
     recipe = toy_recipe(task, beam_size=2, max_len=5)
     cache = tmp_path / "cache"
     first = evaluate_tasks(
