@@ -323,6 +323,15 @@ def test_prompt_tune_changes_only_prompt_parameters(tmp_path: Path) -> None:
     with torch.no_grad():
         feats = tuned.encode_images(torch.zeros(2, 3, 32, 32))
     assert feats.shape == (2, 64)
+    # The linear head (zero-initialised) trained and is readable for use with the loaded model.
+    from uniperceiver_cli.engine.freeze import load_prompt_heads
+
+    heads = load_prompt_heads(step_dir)
+    assert set(heads) == {"cls"}
+    head = heads["cls"]
+    assert float(head.fc.weight.detach().abs().sum()) > 0  # type: ignore[union-attr, operator]
+    logits = head(torch.zeros(2, 5), feats)
+    assert logits.shape == (2, 5)
 
 
 def test_finetune_from_pretrained_run(tmp_path: Path) -> None:

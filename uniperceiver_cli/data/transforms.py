@@ -11,6 +11,7 @@ seed.
 | `classification_transform` | RandomResizedCrop(S, bicubic) + h-flip + RandAugment(2, 9) + normalise + RandomErasing(0.25, per-pixel noise) | resize short side to int(256/224·S) (bicubic) + centre crop |
 | `caption_transform` | resize short side to S (bicubic) + RandomCrop(S) + h-flip | resize S + centre crop |
 | `video_transform` | short side to U[int(256/224·S), int(320/224·S)] (bilinear) + h-flip + RandomCrop(S); mean = std = 0.5 | short side S + 1 centre or 3 spatial crops |
+| `plain_transform` (toy world) | resize to S×S (bilinear) + normalise | same |
 
 torchvision's RandAugment stands in for timm's `rand-m9-mstd0.5-inc1` (two ops at magnitude 9; timm
 additionally jitters the magnitude with std 0.5 and uses "increasing" op variants).
@@ -133,6 +134,58 @@ def image_transform(pipeline: ImagePipeline, size: int, *, train: bool) -> Image
     if pipeline == "caption":
         return caption_transform(size, train=train)
     raise ValueError(f"expected image pipeline 'classification' or 'caption', found {pipeline!r}")
+
+
+class PlainTransform:
+    """Resize to S×S and normalise, without augmentation (the built-in toy world in training and eval).
+
+    The toy world's classes depend on the whole shape, its colour and its position, so the paper's
+    crops and colour augmentations would change the label; rendered toy images are therefore only
+    resized (bilinear, antialiased, when the rendered side differs) and normalised.
+
+    Args:
+        size: output side S.
+        mean: normalisation mean.
+        std: normalisation std.
+    """
+
+    def __init__(
+        self,
+        size: int,
+        *,
+        mean: tuple[float, float, float] = IMAGENET_MEAN,
+        std: tuple[float, float, float] = IMAGENET_STD,
+    ) -> None:
+        _check_size(size)
+        self.size = size
+        self.mean = mean
+        self.std = std
+
+    def __call__(self, pixels: Tensor) -> Tensor:
+        """Map uint8 `(..., 3, H, W)` (an image or a clip) to float32 `(..., 3, S, S)`."""
+        if pixels.ndim < 3 or pixels.shape[-3] != 3:
+            raise ValueError(f"expected pixels (..., 3, H, W), found {tuple(pixels.shape)}")
+        x = pixels.to(torch.float32) / 255.0
+        if x.shape[-2:] != (self.size, self.size):
+            lead = x.shape[:-3]
+            flat = torch.nn.functional.interpolate(
+                x.reshape(-1, *x.shape[-3:]),
+                size=(self.size, self.size),
+                mode="bilinear",
+                antialias=True,
+                align_corners=False,
+            )
+            x = flat.reshape(*lead, 3, self.size, self.size)
+        m = torch.tensor(self.mean).view(3, 1, 1)
+        s = torch.tensor(self.std).view(3, 1, 1)
+        return (x - m) / s
+
+
+def plain_transform(size: int, *, video: bool = False) -> PlainTransform:
+    """`PlainTransform` with the image (ImageNet) or video (0.5) normalisation."""
+    if video:
+        return PlainTransform(size, mean=VIDEO_MEAN, std=VIDEO_STD)
+    return PlainTransform(size)
 
 
 def spatial_crops(clip: Tensor, size: int, num_crops: int) -> Tensor:

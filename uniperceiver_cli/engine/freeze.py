@@ -5,12 +5,18 @@ blocks' `prompt`/`target_prompt`, LayerNorms are `nn.LayerNorm` modules of the e
 gate's LayerNorm stays frozen, as in the reference), `ln_post` is the head's, the SPE bias is the embeddings'.
 A prompt-tuned checkpoint stores only those tensors plus the path of the base checkpoint; `load_prompt_tuned`
 (used by `uniperceiver_cli.load`) rebuilds base + delta.
+
+The optional zero-initialised linear classification heads (`linear_head`, SPEC §5.1 `fc_prompt`) live outside
+the model, in `heads.safetensors` next to the delta. The run's own validation applies them; `load()` and
+`uniperceiver eval` return / score the model with its cosine similarity head only and warn that the heads are
+not applied. `load_prompt_heads` reads them for use with `LinearHead.forward(cos_logits, features)`.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -20,7 +26,10 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from uniperceiver_cli.engine.checkpoint import HEADS_FILE
 from uniperceiver_cli.model.uniperceiver import UniPerceiver
+
+logger = logging.getLogger(__name__)
 
 DELTA_FILE = "prompt_delta.safetensors"
 DELTA_META = "prompt_delta.json"
@@ -195,4 +204,61 @@ def load_prompt_tuned(
                     f"{folder}: {k} has shape {tuple(v.shape)}, model expects {tuple(own[k].shape)}"
                 )
             own[k].copy_(v)
+    heads_file = folder / HEADS_FILE
+    if heads_file.is_file():
+        names = sorted({k.split(".", 1)[0] for k in load_tensors(heads_file)})
+        logger.warning(
+            "%s: the prompt-tuning linear classification head(s) of task(s) %s are not applied by load() or "
+            "`uniperceiver eval`, which score with the cosine similarity head only (accuracies differ from "
+            "the run's own validation); apply them with "
+            "uniperceiver_cli.engine.freeze.load_prompt_heads",
+            folder,
+            ", ".join(names),
+        )
     return model.to(device).eval()
+
+
+def load_prompt_heads(
+    directory: str | os.PathLike[str], device: str | torch.device = "cpu"
+) -> dict[str, nn.Module]:
+    """The prompt-tuning linear heads of a checkpoint folder (`heads.safetensors`), by task name.
+
+    Each head maps `(cos_logits (B, C), features (B, D))` to `w_sim · cos_logits + fc(features)`
+    (`engine.tasks.LinearHead`), with `features` the model's post-projected input features.
+
+    Args:
+        directory: a step folder (or a run folder's latest step folder) written by `prompt-tune`.
+        device: where to put the heads.
+
+    Returns:
+        Task name → head in eval mode (empty when the run trained no linear head).
+
+    Raises:
+        PromptDeltaError: unreadable or malformed head tensors.
+    """
+    from uniperceiver_cli.engine.checkpoint import TrainingCheckpointError, load_tensors
+    from uniperceiver_cli.engine.tasks import LinearHead
+
+    path = Path(directory) / HEADS_FILE
+    if not path.is_file():
+        return {}
+    try:
+        tensors = load_tensors(path)
+    except TrainingCheckpointError as e:
+        raise PromptDeltaError(str(e)) from e
+    by_task: dict[str, dict[str, Tensor]] = {}
+    for key, value in tensors.items():
+        task, _, rest = key.partition(".")
+        by_task.setdefault(task, {})[rest] = value
+    heads: dict[str, nn.Module] = {}
+    for task, state in by_task.items():
+        weight = state.get("fc.weight")
+        if weight is None or weight.dim() != 2:
+            raise PromptDeltaError(
+                f"{path}: head {task!r} has no 2-D fc.weight (found {sorted(state)}); the file is not a "
+                "prompt-tuning head file"
+            )
+        head = LinearHead(int(weight.shape[1]), int(weight.shape[0]))
+        head.load_state_dict(state)
+        heads[task] = head.to(device).eval()
+    return heads

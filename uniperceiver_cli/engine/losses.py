@@ -40,6 +40,38 @@ def smoothed_cross_entropy(
     )
 
 
+def summed_cross_entropy(
+    logits: Tensor, target: Tensor, smoothing: float = 0.0, *, ignore_index: int = IGNORE_INDEX
+) -> tuple[Tensor, Tensor]:
+    """Sum of the label-smoothed cross-entropies of the rows whose target is not `ignore_index`.
+
+    The building block of token-level losses averaged over a global (multi-rank) batch: each rank sums
+    its tokens and the sum is divided by the token count of all ranks (`tasks.global_token_mean`).
+
+    Args:
+        logits: (N, C).
+        target: (N,) int64 class indices (or `ignore_index`).
+        smoothing: ε in [0, 1).
+        ignore_index: target value of rows to skip.
+
+    Returns:
+        `(sum, count)`: 0-dim loss sum (with a graph; 0 when every row is ignored) and the 0-dim int64
+        number of valid rows.
+    """
+    if logits.dim() != 2 or target.shape != logits.shape[:1]:
+        raise ValueError(
+            f"expected logits (N, C) and targets (N,), got {tuple(logits.shape)} and {tuple(target.shape)}"
+        )
+    valid = target != ignore_index
+    count = valid.sum()
+    if not bool(valid.any()):
+        return logits.sum() * 0.0, count
+    total = F.cross_entropy(
+        logits[valid].float(), target[valid], label_smoothing=smoothing, reduction="sum"
+    )
+    return total, count
+
+
 def soft_target_cross_entropy(logits: Tensor, soft_targets: Tensor) -> Tensor:
     """Cross-entropy with soft targets (Mixup/CutMix), `mean_i Σ_c −q_ic log p_ic`.
 

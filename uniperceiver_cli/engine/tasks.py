@@ -19,6 +19,7 @@ from uniperceiver_cli.data.samples import (
     MLMBatch,
     TextClassificationBatch,
     VisualTextBatch,
+    VQABatch,
 )
 from uniperceiver_cli.engine.candidates import (
     TokenizedSet,
@@ -31,6 +32,7 @@ from uniperceiver_cli.engine.losses import (
     retrieval_loss,
     smoothed_cross_entropy,
     soft_target_cross_entropy,
+    summed_cross_entropy,
 )
 from uniperceiver_cli.engine.runtime import Runtime, gather_with_grad
 from uniperceiver_cli.model.moe.telemetry import MoEAux, total_aux_loss
@@ -156,16 +158,66 @@ class TaskObjective:
         raise NotImplementedError
 
 
-def _finish(loss: Tensor, weight: float, parts: dict[str, Tensor], aux: list[object]) -> StepResult:
-    """Weight the task loss, add the MoE auxiliary losses, detach the parts for logging."""
+def _finish(
+    loss: Tensor,
+    weight: float,
+    parts: dict[str, Tensor],
+    aux: list[object],
+    *,
+    shown: Tensor | None = None,
+) -> StepResult:
+    """Weight the task loss, add the MoE auxiliary losses, detach the parts for logging.
+
+    Args:
+        loss: the task loss (with graph).
+        weight: the task's loss weight.
+        parts: values to log.
+        aux: MoE aux records.
+        shown: the value of `loss` to log when it differs from the tensor that carries the gradient
+            (token-level losses in DDP, see `global_token_mean`).
+    """
     total = loss * weight
     logged = {k: float(v.detach()) for k, v in parts.items()}
     extra = total_aux_loss([a for a in aux if isinstance(a, MoEAux)])
+    shown_total = (shown if shown is not None else loss).detach() * weight
     if extra is not None:
         total = total + extra
         logged["aux"] = float(extra.detach())
-    logged["loss"] = float(total.detach())
+        shown_total = shown_total + extra.detach()
+    logged["loss"] = float(shown_total)
     return StepResult(loss=total, parts=logged, aux=aux)
+
+
+def global_token_mean(
+    logits: Tensor, target: Tensor, smoothing: float, runtime: Runtime
+) -> tuple[Tensor, Tensor]:
+    """Token-level cross-entropy averaged over the valid tokens of the global batch (all ranks).
+
+    Each rank returns `local_sum · W / N_global`; DDP (and FSDP) average gradients over the W ranks, so
+    the update is that of `Σ_ranks local_sum / N_global`, the mean over every valid token of the global
+    batch, as one process with the global batch computes it (SPEC §1.10.3-4). A per-rank mean would
+    weight the tokens of a rank with few valid tokens more.
+
+    Args:
+        logits: (N, C) this rank's token logits.
+        target: (N,) targets, -1 = no target.
+        smoothing: label smoothing ε.
+        runtime: the run's runtime.
+
+    Returns:
+        `(loss, mean)`: the tensor to backpropagate and the global mean (detached, for logging).
+    """
+    total, count = summed_cross_entropy(logits, target, smoothing)
+    if not runtime.distributed:
+        mean = total / count.clamp(min=1).to(total.dtype)
+        return mean, mean.detach()
+    import torch.distributed as dist
+
+    stats = torch.stack([count.to(torch.float64), total.detach().to(torch.float64)])
+    dist.all_reduce(stats)
+    tokens = stats[0].clamp(min=1.0)
+    loss = total * (runtime.world_size / tokens).to(total.dtype)
+    return loss, (stats[1] / tokens).to(total.dtype)
 
 
 class ClassificationObjective(TaskObjective):
@@ -325,12 +377,15 @@ class CaptionObjective(_VocabularyObjective):
             generator=ctx.generator,
         )
         cols = cands.columns(targets)
-        loss = smoothed_cross_entropy(
+        loss, mean = global_token_mean(
             scores.logits.reshape(-1, scores.logits.shape[-1]),
             cols.reshape(-1),
             self.spec.label_smoothing,
+            ctx.runtime,
         )
-        result = _finish(loss, self.spec.loss_weight, {"ce": loss}, [*scores.aux, *vaux])
+        result = _finish(
+            loss, self.spec.loss_weight, {"ce": mean}, [*scores.aux, *vaux], shown=mean
+        )
         result.samples = batch.batch_size
         result.tokens = int(words.numel() * 2 + batch.batch_size)
         return result
@@ -350,10 +405,14 @@ class MLMObjective(_VocabularyObjective):
         cands, vocab, vaux = self._vocab(model, labels, ctx)
         scores = model.mlm_logits(ids, pad, masked, vocab, task_type=self.type, task=self.name)
         cols = cands.columns(labels[masked])
-        loss = smoothed_cross_entropy(scores.logits, cols, self.spec.label_smoothing)
-        acc = (scores.logits.argmax(dim=1) == cols).float().mean() if cols.numel() else loss * 0
+        loss, mean = global_token_mean(scores.logits, cols, self.spec.label_smoothing, ctx.runtime)
+        acc = (scores.logits.argmax(dim=1) == cols).float().mean() if cols.numel() else mean * 0
         result = _finish(
-            loss, self.spec.loss_weight, {"ce": loss, "acc": acc}, [*scores.aux, *vaux]
+            loss,
+            self.spec.loss_weight,
+            {"ce": mean, "acc": acc},
+            [*scores.aux, *vaux],
+            shown=mean,
         )
         result.samples = batch.batch_size
         result.tokens = int(ids.numel())
@@ -394,6 +453,51 @@ class TextClassificationObjective(TaskObjective):
         return result
 
 
+class VQAObjective(TaskObjective):
+    """VQA as a cloze over the answer vocabulary (SPEC §1.10.6).
+
+    Image + question + `[SPE, EOT]`; the output at the SPE slot is scored against the encoded answers
+    (`[answer, EOT]` each, the `label_words` of this objective); the target is the answer the reader drew
+    in proportion to the soft scores (`VQASample.target`, seeded per sample); questions without an answer
+    in the vocabulary are ignored. The logged `acc` is the soft VQA accuracy of the argmax answer.
+    """
+
+    def loss(
+        self, model: UniPerceiver, heads: Mapping[str, nn.Module], batch: Any, ctx: StepContext
+    ) -> StepResult:
+        """See `TaskObjective.loss`."""
+        assert isinstance(batch, VQABatch)
+        dev = ctx.runtime.device
+        names = self.candidate_names(None)
+        answers, aaux = encode_set(
+            model,
+            names,
+            kind="labels",
+            task=f"{self.name}.labels",
+            runtime=ctx.runtime,
+            shard=names.size >= SHARD_MIN_CANDIDATES,
+        )
+        scores = model.cloze_logits(
+            batch.ids.to(dev),
+            batch.padding.to(dev),
+            answers,
+            visual=batch.pixels.to(dev),
+            task_type=self.type,
+            task=self.name,
+        )
+        targets = batch.targets.to(dev)
+        loss = smoothed_cross_entropy(scores.logits, targets, self.spec.label_smoothing)
+        pick = scores.logits.argmax(dim=1).cpu()
+        soft = batch.soft_scores(names.size)
+        acc = soft[torch.arange(batch.batch_size), pick].mean()
+        result = _finish(
+            loss, self.spec.loss_weight, {"ce": loss, "acc": acc}, [*scores.aux, *aaux]
+        )
+        result.samples = batch.batch_size
+        result.tokens = int(batch.ids.numel() + batch.batch_size * (1 + model.embed.grid_size**2))
+        return result
+
+
 def build_objective(
     spec: Any,
     *,
@@ -406,7 +510,7 @@ def build_objective(
     Args:
         spec: the recipe task section.
         class_names: classification class synonyms from the data.
-        label_words: text-classification label words from the data.
+        label_words: text-classification label words, or the VQA answer vocabulary, from the data.
         resolve: callable resolving recipe paths (vocabulary files).
 
     Raises:
@@ -425,6 +529,7 @@ def build_objective(
         "video_caption": CaptionObjective,
         "mlm": MLMObjective,
         "text_classification": TextClassificationObjective,
+        "vqa": VQAObjective,
     }
     cls = kinds.get(spec.type)
     if cls is None:

@@ -34,6 +34,13 @@ import torch
 from torch import nn
 from torch.amp.grad_scaler import GradScaler
 
+from uniperceiver_cli.data.build import (
+    MultiTaskStream,
+    bad_data_monitor,
+    build_loader,
+    data_fraction_subset,
+)
+from uniperceiver_cli.data.errors import DataError
 from uniperceiver_cli.data.sampler import TaskSampler, mix_seed
 from uniperceiver_cli.engine.build import build_run_model
 from uniperceiver_cli.engine.checkpoint import (
@@ -45,13 +52,13 @@ from uniperceiver_cli.engine.checkpoint import (
     save_checkpoint,
 )
 from uniperceiver_cli.engine.data import (
-    BatchStream,
+    CLASSIFICATION_TYPES,
     PathContext,
-    SubsetView,
     TaskData,
-    data_fraction_indices,
+    TaskDataError,
     open_task_data,
 )
+from uniperceiver_cli.engine.expert_parallel import ExpertParallel, setup_expert_parallel
 from uniperceiver_cli.engine.freeze import (
     ParamRow,
     delta_metadata,
@@ -181,9 +188,8 @@ class _Interrupt:
 
 def user_errors() -> tuple[type[BaseException], ...]:
     """Errors a run reports as a clean message (exit 1) instead of a traceback."""
-    from uniperceiver_cli.data.errors import DataError
     from uniperceiver_cli.engine.build import InitCheckpointError
-    from uniperceiver_cli.engine.data import TaskDataError
+    from uniperceiver_cli.engine.expert_parallel import ExpertParallelSetupError
     from uniperceiver_cli.engine.freeze import PromptDeltaError
     from uniperceiver_cli.engine.runtime import RuntimeSetupError
     from uniperceiver_cli.model.checkpoint import CheckpointError
@@ -197,6 +203,7 @@ def user_errors() -> tuple[type[BaseException], ...]:
         PromptDeltaError,
         RuntimeSetupError,
         CheckpointError,
+        ExpertParallelSetupError,
     )
 
 
@@ -257,10 +264,17 @@ def _apply_activation_checkpointing(model: nn.Module) -> None:
             module.forward = wrapped  # type: ignore[method-assign]
 
 
-def _wrap_parallel(module: TrainingModule, runtime: Runtime, mode: str) -> nn.Module:
+def _wrap_parallel(
+    module: TrainingModule, runtime: Runtime, mode: str, ep: ExpertParallel | None
+) -> nn.Module:
     if not runtime.distributed:
         return module
     if mode == "fsdp2":
+        if ep is not None:
+            raise TrainingError(
+                "runtime.distributed fsdp2 cannot shard a model whose experts are already sharded by "
+                "expert parallelism; use runtime.distributed ddp with model.moe.expert_parallel_size > 1"
+            )
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import fully_shard
 
@@ -273,6 +287,11 @@ def _wrap_parallel(module: TrainingModule, runtime: Runtime, mode: str) -> nn.Mo
     from torch.nn.parallel import DistributedDataParallel
 
     ids = [runtime.device.index] if runtime.device.type == "cuda" else None
+    if ep is not None:
+        # Expert shards differ per rank: their gradients are reduced by `ExpertParallel`, not by DDP.
+        DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(  # type: ignore[no-untyped-call]
+            module, [f"model.{n}" for n in ep.names]
+        )
     return DistributedDataParallel(
         module, device_ids=ids, find_unused_parameters=True, broadcast_buffers=False
     )
@@ -289,6 +308,80 @@ def _sync_ignored_grads(module: nn.Module, runtime: Runtime) -> None:
             grad = p.grad if p.grad is not None else torch.zeros_like(p)
             dist.all_reduce(grad, op=dist.ReduceOp.SUM)
             p.grad = grad / runtime.world_size
+
+
+def _few_shot(name: str, data: TaskData, fraction: float, seed: int) -> TaskData:
+    """The prompt-tuning `data_fraction` subset of a task's data (SPEC §5.2), the same on every rank."""
+    if isinstance(data.dataset, torch.utils.data.IterableDataset):
+        raise TaskDataError(
+            f"task {name!r}: prompt.data_fraction {fraction:g} needs a map-style dataset, but the data is a "
+            "stream (webdataset); use data.max_samples instead"
+        )
+    subset = data_fraction_subset(data.dataset, fraction, seed=seed)
+    logger.info(
+        "task %s: training on %d of %d samples (data_fraction %g)",
+        name,
+        len(subset),
+        len(data.dataset),  # type: ignore[arg-type]
+        fraction,
+    )
+    return data.replace_dataset(subset)
+
+
+def _bad_data_summary(
+    stream: MultiTaskStream, datasets: dict[str, TaskData], runtime: Runtime | None
+) -> dict[str, Any]:
+    """Per-task bad-data counts, summed over ranks when `runtime` is given (a collective).
+
+    The counts are the monitors' (every batch served); the broken files also include those a reader in
+    this process met without serving a batch (the one that stopped the run past `max_bad_fraction`).
+
+    Returns:
+        `{"lines": one log line per task, "skip_events": total, "broken": distinct broken files,
+        "record": the metrics.jsonl fields}`.
+    """
+    local = {name: m.summary() for name, m in stream.monitors.items()}
+    for name, summ in local.items():
+        known = {f["name"] for f in summ["bad_files"]}
+        for item in getattr(datasets[name].dataset, "bad_items", ()):
+            if item.name not in known:
+                known.add(item.name)
+                summ["bad_files"].append({"name": item.name, "reason": item.reason})
+    everyone = [local]
+    if runtime is not None and runtime.distributed:
+        import torch.distributed as dist
+
+        gathered: list[Any] = [None] * runtime.world_size
+        dist.all_gather_object(gathered, local)
+        everyone = gathered
+    tasks: dict[str, dict[str, Any]] = {}
+    for per_rank in everyone:
+        for name, summ in per_rank.items():
+            row = tasks.setdefault(
+                name, {"served": 0, "skip_events": 0, "bad_files": {}, "max_bad_fraction": 0.0}
+            )
+            row["served"] += int(summ["served"])
+            row["skip_events"] += int(summ["skip_events"])
+            row["max_bad_fraction"] = float(summ["max_bad_fraction"])
+            for f in summ["bad_files"]:
+                row["bad_files"].setdefault(f["name"], f["reason"])
+    lines: list[str] = []
+    record: dict[str, Any] = {}
+    total = broken = 0
+    for name, row in tasks.items():
+        files = list(row["bad_files"])
+        total += row["skip_events"]
+        broken += len(files)
+        shown = ", ".join(files[:20]) + (f" and {len(files) - 20} more" if len(files) > 20 else "")
+        lines.append(
+            f"{name}: {row['served']} samples served, {row['skip_events']} skips of {len(files)} distinct "
+            f"broken items" + (f": {shown}" if files else "")
+        )
+        record[f"bad_data/{name}/served"] = row["served"]
+        record[f"bad_data/{name}/skip_events"] = row["skip_events"]
+        record[f"bad_data/{name}/distinct_bad"] = len(files)
+        record[f"bad_data/{name}/files"] = files
+    return {"lines": lines, "skip_events": total, "broken": broken, "record": record}
 
 
 def _moe_metrics(aux: list[object]) -> dict[str, float]:
@@ -383,35 +476,28 @@ def _train(
             seed=seed,
         )
         if prompt is not None and prompt.data_fraction < 1.0:
-            keep = data_fraction_indices(data.dataset, prompt.data_fraction, seed)
-            logger.info(
-                "task %s: training on %d of %d samples (data_fraction %g)",
-                spec.name,
-                len(keep),
-                len(data.dataset),  # type: ignore[arg-type]
-                prompt.data_fraction,
-            )
-            data = TaskData(
-                SubsetView(data.dataset, keep), data.collate, data.class_names, data.label_words
-            )
+            data = _few_shot(spec.name, data, prompt.data_fraction, seed)
         train_data[spec.name] = data
         objectives[spec.name] = build_objective(
-            spec, class_names=data.class_names, label_words=data.label_words, resolve=paths.resolve
+            spec,
+            class_names=data.class_names,
+            label_words=data.label_words if spec.type != "vqa" else data.answers,
+            resolve=paths.resolve,
         )
         if spec.eval_data is not None and spec.type in VALIDATED_TYPES:
+            # Periodic validation runs on rank 0 over the whole split (see `run_validation`).
             eval_data[spec.name] = open_task_data(
                 spec,
                 spec.eval_data,
                 train=False,
                 paths=paths,
                 model_image_size=image_size,
-                rank=runtime.rank,
-                world_size=runtime.world_size,
                 seed=seed,
             )
         if (
             prompt is not None
             and "linear_head" in prompt.train
+            and (spec.type in CLASSIFICATION_TYPES or spec.type == "text_classification")
             and objectives[spec.name].num_classes
         ):
             heads[spec.name] = LinearHead(
@@ -422,16 +508,17 @@ def _train(
     if prompt is not None:
         table = parameter_table([("model", model), ("heads", module.heads)])
     module.to(runtime.device)
+    total_params = sum(p.numel() for p in module.parameters())
+    trainable_params = sum(p.numel() for p in module.parameters() if p.requires_grad)
+    ep = setup_expert_parallel(model, runtime)
     if recipe.runtime.activation_checkpointing:
         _apply_activation_checkpointing(module)
     if recipe.runtime.compile:
         for block in model.encoder.blocks():
             block.compile()
-    total_params = sum(p.numel() for p in module.parameters())
-    trainable_params = sum(p.numel() for p in module.parameters() if p.requires_grad)
 
     # --- optimizer, scaler, wrapper --------------------------------------------------------------------------
-    wrapped = _wrap_parallel(module, runtime, recipe.runtime.distributed)
+    wrapped = _wrap_parallel(module, runtime, recipe.runtime.distributed, ep)
     optimizer, groups = build_optimizer(
         module,
         lr=optim_spec.lr,
@@ -442,17 +529,8 @@ def _train(
     logger.debug("parameter groups: %s", groups.counts())
     scaler = GradScaler(runtime.device.type, enabled=runtime.precision == "fp16")
     sampler = TaskSampler({t.name: t.sampling_weight for t in task_specs}, seed=seed)
-    streams = {
-        t.name: BatchStream(
-            train_data[t.name],
-            batch_size=t.batch_size,
-            seed=mix_seed(seed, i, 77),
-            rank=runtime.rank,
-            world_size=runtime.world_size,
-            num_workers=recipe.runtime.num_workers,
-        )
-        for i, t in enumerate(task_specs)
-    }
+    stream_seeds = {t.name: mix_seed(seed, i, 77) for i, t in enumerate(task_specs)}
+    positions = dict.fromkeys(task_names, 0)
 
     # --- resume ----------------------------------------------------------------------------------------------
     step = 0
@@ -468,17 +546,38 @@ def _train(
                 ck.state.world_size,
                 runtime.world_size,
             )
-        _load_module_state(wrapped, module, optimizer, scaler, ck)
+        _load_module_state(wrapped, module, optimizer, scaler, ck, ep)
         sampler.load_state_dict(ck.state.sampler)
         for name, st in ck.state.streams.items():
-            if name in streams:
-                streams[name].position = int(st["position"])
+            if name in positions:
+                positions[name] = int(st["position"])
         step = ck.state.step
         bad_steps = ck.state.bad_steps
         rng_to_restore = ck.rng_state
         resumed_from = ckpt_path
         if runtime.is_main:
             logger.info("resuming from %s (step %d)", ckpt_path, step)
+    stream = MultiTaskStream(
+        {
+            t.name: build_loader(
+                train_data[t.name].dataset,
+                batch_size=t.batch_size,
+                train=True,
+                seed=stream_seeds[t.name],
+                rank=runtime.rank,
+                world_size=runtime.world_size,
+                num_workers=recipe.runtime.num_workers,
+                pin_memory=runtime.device.type == "cuda",
+                position=positions[t.name],
+                collate_fn=train_data[t.name].collate,
+            )
+            for t in task_specs
+        },
+        sampler,
+        {t.name: t.batch_size for t in task_specs},
+        monitors={t.name: bad_data_monitor(train_data[t.name].dataset, t.name) for t in task_specs},
+    )
+    stream.consumed = dict(positions)
     if runtime.is_main:
         _write_run_files(run_dir, loaded, runtime, seed)
     runtime.barrier()
@@ -505,23 +604,34 @@ def _train(
             loaded,
             runtime,
             at_step,
-            sampler,
-            streams,
+            stream,
+            stream_seeds,
             bad_steps,
             sched.keep_last,
             prompt,
             model,
             command,
+            ep,
         )
 
     def run_validation(at_step: int) -> dict[str, float]:
         if not eval_data:
             return {}
         tasks = {n: (objectives[n].spec, d, objectives[n]) for n, d in eval_data.items()}
-        metrics = _validate(model, module, wrapped, tasks, loaded, runtime)
+        metrics = _validate(model, module, wrapped, tasks, loaded, runtime, ep)
         if metrics:
             reporter.event({"step": at_step, "event": "validation", **metrics})
         return metrics
+
+    def report_bad_data(at_step: int, *, collective: bool) -> None:
+        summary = _bad_data_summary(stream, train_data, runtime if collective else None)
+        if runtime.is_main:
+            if summary["skip_events"] or summary["broken"]:
+                for line in summary["lines"]:
+                    logger.warning("bad-data summary: %s", line)
+            else:
+                logger.info("bad-data summary: no broken items were skipped")
+            reporter.event({"step": at_step, "event": "bad_data", **summary["record"]})
 
     last_ckpt: Path | None = resumed_from
     last_saved_step = step if resumed_from is not None else -1
@@ -554,9 +664,8 @@ def _train(
                 step_aux: list[object] = []
                 tasks_run: list[str] = []
                 for micro in range(accum):
-                    task = sampler.next_task()
+                    task, batch = next(stream)
                     tasks_run.append(task)
-                    batch = streams[task].next()
                     ctx = StepContext(
                         generator=step_generator(seed, step, micro, 0xC0FFEE),
                         runtime=runtime,
@@ -577,10 +686,15 @@ def _train(
                 record["task"] = tasks_run[-1] if len(set(tasks_run)) == 1 else ",".join(tasks_run)
                 record["loss"] = float(sum(record.get(f"loss/{t}", 0.0) for t in set(tasks_run)))
                 _sync_ignored_grads(module, runtime)
+                if ep is not None:
+                    ep.reduce_expert_grads()
                 scaler.unscale_(optimizer)
-                grad_norm = torch.nn.utils.clip_grad_norm_(
-                    trainable, clip if clip > 0 else float("inf")
-                )
+                if ep is not None:
+                    grad_norm = ep.clip_grad_norm(trainable, clip if clip > 0 else float("inf"))
+                else:
+                    grad_norm = torch.nn.utils.clip_grad_norm_(
+                        trainable, clip if clip > 0 else float("inf")
+                    )
                 gn = float(grad_norm)
                 bad = not finite or (not math.isfinite(gn) and runtime.precision != "fp16")
                 bad = bool(
@@ -613,6 +727,9 @@ def _train(
                 record["tokens_per_s"] = tokens * runtime.world_size / max(elapsed, 1e-9)
                 record["step_time_s"] = elapsed
                 record.update(_moe_metrics(step_aux))
+                for name, monitor in stream.monitors.items():
+                    if monitor.events:
+                        record[f"bad_data/{name}"] = monitor.distinct_bad
                 reporter.step(record)
                 if sched.eval_every and step % sched.eval_every == 0 and step < sched.max_steps:
                     metrics = run_validation(step)
@@ -646,6 +763,11 @@ def _train(
             if last_saved_step != step:
                 last_ckpt = save(step)
             metrics = run_validation(step) or metrics
+            report_bad_data(step, collective=True)
+    except DataError:
+        # Too much broken data (or a broken file with on_error: raise): say what was skipped, then stop.
+        report_bad_data(step, collective=False)
+        raise
     finally:
         reporter.close()
     return _result(
@@ -705,13 +827,42 @@ def _validate(
     tasks: dict[str, Any],
     loaded: Any,
     runtime: Runtime,
+    ep: ExpertParallel | None,
 ) -> dict[str, float]:
-    """Periodic evaluation: the evaluation engine when installed, else the built-in validation."""
+    """Periodic evaluation on rank 0 while the other ranks wait at a barrier.
+
+    FSDP2 parameters are gathered on every rank first. With expert parallelism every rank runs the same
+    evaluation over the whole split (the experts' all-to-all needs every rank of a group), and rank 0's
+    numbers are reported.
+    """
     recipe = loaded.recipe
+    fsdp = runtime.distributed and recipe.runtime.distributed == "fsdp2"
     unshard = getattr(wrapped, "unshard", None)
-    if runtime.distributed and callable(unshard) and recipe.runtime.distributed == "fsdp2":
+    if fsdp and callable(unshard):
         unshard()
     try:
+        metrics: dict[str, float] = {}
+        if runtime.is_main or ep is not None:
+            alone = dataclasses.replace(runtime, rank=0, world_size=1, distributed=False)
+            metrics = _evaluate_here(model, module, tasks, loaded, alone)
+        runtime.barrier()
+        return metrics if runtime.is_main else {}
+    finally:
+        reshard = getattr(wrapped, "reshard", None)
+        if fsdp and callable(reshard):
+            reshard()
+
+
+def _evaluate_here(
+    model: nn.Module,
+    module: TrainingModule,
+    tasks: dict[str, Any],
+    loaded: Any,
+    runtime: Runtime,
+) -> dict[str, float]:
+    """The evaluation engine when installed, else (and with prompt-tuning heads) the built-in validation."""
+    recipe = loaded.recipe
+    if not len(module.heads):
         import importlib.util
 
         if importlib.util.find_spec("uniperceiver_cli.engine.evaluate") is not None:
@@ -728,17 +879,13 @@ def _validate(
                     logger.warning(
                         "evaluation engine failed (%s); using the built-in validation", e
                     )
-        return validate(
-            model,  # type: ignore[arg-type]
-            tasks,
-            batch_size=recipe.evaluation.batch_size,
-            runtime=runtime,
-            heads=dict(module.heads.items()),
-        )
-    finally:
-        reshard = getattr(wrapped, "reshard", None)
-        if runtime.distributed and callable(reshard) and recipe.runtime.distributed == "fsdp2":
-            reshard()
+    return validate(
+        model,  # type: ignore[arg-type]
+        tasks,
+        batch_size=recipe.evaluation.batch_size,
+        runtime=runtime,
+        heads=dict(module.heads.items()),
+    )
 
 
 def _is_fsdp(module: nn.Module) -> bool:
@@ -748,16 +895,24 @@ def _is_fsdp(module: nn.Module) -> bool:
 
 
 def _full_state(
-    wrapped: nn.Module, module: nn.Module, optimizer: torch.optim.Optimizer
+    wrapped: nn.Module,
+    module: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    ep: ExpertParallel | None = None,
 ) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Full (unsharded) model and optimizer state dicts.
+    """Full (unsharded) model and optimizer state dicts (a collective: every rank calls it).
 
     Replicated runs use the native `state_dict()`s (exact: parameters without Adam state stay without).
+    Expert-parallel runs gather the expert shards (and their Adam moments) along the expert axis.
     FSDP2 gathers full tensors with `torch.distributed.checkpoint.state_dict`, keyed by parameter names.
     """
     if not _is_fsdp(module):
         msd = {k: v.detach().to("cpu") for k, v in module.state_dict().items()}
-        return msd, optimizer.state_dict()
+        osd = optimizer.state_dict()
+        if ep is not None:
+            msd = ep.gather_model_state(msd, "model.")
+            osd = ep.gather_optimizer_state(osd, optimizer)
+        return msd, osd
     from torch.distributed.checkpoint.state_dict import (
         StateDictOptions,
         get_model_state_dict,
@@ -779,15 +934,16 @@ def _save(
     loaded: Any,
     runtime: Runtime,
     step: int,
-    sampler: TaskSampler,
-    streams: dict[str, BatchStream],
+    stream: MultiTaskStream,
+    stream_seeds: dict[str, int],
     bad_steps: int,
     keep_last: int,
     prompt: Any,
     model: nn.Module,
     command: str,
+    ep: ExpertParallel | None,
 ) -> Path:
-    msd, osd = _full_state(wrapped, module, optimizer)
+    msd, osd = _full_state(wrapped, module, optimizer, ep)
     rng = capture_rng_state()
     payload: CheckpointPayload | None = None
     if runtime.is_main:
@@ -798,8 +954,10 @@ def _save(
             optim_state["scaler"] = scaler.state_dict()
         state = TrainingState(
             step=step,
-            sampler=sampler.state_dict(),
-            streams={n: s.state_dict() for n, s in streams.items()},
+            sampler=stream.sampler.state_dict(),
+            streams={
+                n: {"seed": stream_seeds[n], "position": int(c)} for n, c in stream.consumed.items()
+            },
             bad_steps=bad_steps,
             world_size=runtime.world_size,
             extra={"command": command, "run": loaded.recipe.run.name},
@@ -831,8 +989,12 @@ def _load_module_state(
     optimizer: torch.optim.Optimizer,
     scaler: GradScaler,
     ck: Any,
+    ep: ExpertParallel | None = None,
 ) -> None:
-    """Load a checkpoint's weights (full or prompt delta), heads and optimizer state into the run."""
+    """Load a checkpoint's weights (full or prompt delta), heads and optimizer state into the run.
+
+    Checkpoints always hold full expert tensors; an expert-parallel run takes its shard of them.
+    """
     from torch.distributed.checkpoint.state_dict import (
         StateDictOptions,
         set_model_state_dict,
@@ -858,11 +1020,20 @@ def _load_module_state(
             f"{ck.path}: missing tensors {missing[:6]}; the checkpoint is incomplete"
         )
     if not _is_fsdp(module):
+        optim_state = ck.optimizer_state["optimizer"]
+        if ep is not None:
+            full = ep.slice_model_state(full, "model.")
+            optim_state = ep.slice_optimizer_state(optim_state, optimizer)
         with torch.no_grad():
             own_state = module.state_dict()
             for k, v in full.items():
+                if own_state[k].shape != v.shape:
+                    raise TrainingCheckpointError(
+                        f"{ck.path}: {k} has shape {tuple(v.shape)}, the run expects "
+                        f"{tuple(own_state[k].shape)}; resume with the recipe that wrote the checkpoint"
+                    )
                 own_state[k].copy_(v)
-        optimizer.load_state_dict(ck.optimizer_state["optimizer"])
+        optimizer.load_state_dict(optim_state)
     else:
         set_model_state_dict(
             module, full, options=StateDictOptions(full_state_dict=True, strict=False)

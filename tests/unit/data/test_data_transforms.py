@@ -92,3 +92,20 @@ def test_batch_mixer_targets() -> None:
     off = BatchMixer(5, prob=0.0)
     same, t = off(pixels, labels)
     assert torch.equal(same, pixels) and t.argmax(1).tolist() == [0, 1]
+
+
+def test_plain_transform_resizes_and_normalises_without_augmentation() -> None:
+    from uniperceiver_cli.data.transforms import IMAGENET_MEAN, IMAGENET_STD, plain_transform
+
+    image = torch.full((3, 16, 16), 255, dtype=torch.uint8)
+    out = plain_transform(32)(image)
+    assert out.shape == (3, 32, 32) and out.dtype == torch.float32
+    expected = (1.0 - torch.tensor(IMAGENET_MEAN)) / torch.tensor(IMAGENET_STD)
+    torch.testing.assert_close(out[:, 5, 7], expected)
+    assert torch.equal(plain_transform(32)(image), out)  # deterministic: no random ops
+    clip = torch.zeros((4, 3, 32, 32), dtype=torch.uint8)
+    video = plain_transform(32, video=True)(clip)
+    assert video.shape == (4, 3, 32, 32)
+    assert torch.allclose(video, torch.full_like(video, -1.0))  # (0 - 0.5) / 0.5
+    with pytest.raises(ValueError, match="expected pixels"):
+        plain_transform(8)(torch.zeros((1, 8, 8), dtype=torch.uint8))

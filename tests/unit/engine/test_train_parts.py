@@ -269,20 +269,64 @@ def test_rng_state_round_trip() -> None:
 # ---------------------------------------------------------------------------------------------- data
 
 
-def test_data_fraction_is_stratified_and_rank_independent() -> None:
-    from uniperceiver_cli.engine.data import data_fraction_indices
+def _toy_task(task_type: str, **data: object) -> tuple[object, object]:
+    from types import SimpleNamespace
 
-    class Labelled(torch.utils.data.Dataset[int]):
-        def __init__(self) -> None:
-            self.labels = [i % 4 for i in range(400)]
+    from uniperceiver_cli.recipe.data import ToyData
 
-        def __len__(self) -> int:
-            return 400
+    spec = SimpleNamespace(
+        name="t", type=task_type, image_size=None, class_names_file=None, max_text_len=16
+    )
+    return spec, ToyData.model_validate({"format": "toy", **data})
 
-        def __getitem__(self, i: int) -> int:
-            return i
 
-    keep = data_fraction_indices(Labelled(), 0.01, seed=7)
-    assert len(keep) == 4 * (int(0.01 * 100) + 1)
-    assert sorted({i % 4 for i in keep}) == [0, 1, 2, 3]
-    assert keep == data_fraction_indices(Labelled(), 0.01, seed=7)
+def test_task_data_and_few_shot_subsets_come_from_the_data_engine() -> None:
+    from uniperceiver_cli.data.build import SubsetDataset
+    from uniperceiver_cli.data.formats.toy import ToyDataset
+    from uniperceiver_cli.data.sampler import SampleKey
+    from uniperceiver_cli.engine.data import PathContext, open_task_data
+    from uniperceiver_cli.engine.train import _few_shot
+
+    spec, data_spec = _toy_task("image_classification", num_samples=200, image_size=16)
+    paths = PathContext(None, Path.cwd())
+    data = open_task_data(spec, data_spec, train=True, paths=paths, model_image_size=32)
+    assert isinstance(data.dataset, ToyDataset)
+    assert data.class_names is not None and len(data.class_names) == 5
+    sample = data.dataset[0]
+    assert sample.pixels.shape == (3, 32, 32)  # toy images resized to the model's side
+    few = _few_shot("t", data, 0.1, seed=3)
+    assert isinstance(few.dataset, SubsetDataset) and few.class_names == data.class_names
+    labels = data.dataset.labels
+    kept = few.dataset.indices
+    per_class = {c: labels.count(c) for c in set(labels)}
+    assert len(kept) == sum(int(0.1 * n) + 1 for n in per_class.values())
+    assert kept == _few_shot("t", data, 0.1, seed=3).dataset.indices  # same on every rank
+    # SampleKeys pass through the subset (the old engine-side SubsetView read a missing `.index`).
+    via_key = few.dataset[SampleKey(1, 99)]
+    assert via_key.index == kept[1]
+    assert torch.equal(via_key.pixels, data.dataset[kept[1]].pixels)
+
+
+def test_vqa_task_data_carries_the_answer_vocabulary() -> None:
+    from uniperceiver_cli.engine.data import PathContext, open_task_data
+
+    spec, data_spec = _toy_task("vqa", num_samples=8)
+    data = open_task_data(
+        spec, data_spec, train=True, paths=PathContext(None, Path.cwd()), model_image_size=32
+    )
+    assert data.answers is not None and len(data.answers) > 5
+    batch = data.collate([data.dataset[i] for i in range(4)])
+    assert batch.targets.shape == (4,)
+    assert int(batch.targets.max()) < len(data.answers)
+
+
+def test_unsupported_format_for_task_is_a_task_data_error() -> None:
+    from uniperceiver_cli.engine.data import PathContext, TaskDataError, open_task_data
+    from uniperceiver_cli.recipe.data import TextCorpusData
+
+    spec, _ = _toy_task("image_classification")
+    bad = TextCorpusData.model_validate({"format": "text_corpus", "file": "x.txt"})
+    with pytest.raises(TaskDataError, match="cannot feed a image_classification task"):
+        open_task_data(
+            spec, bad, train=True, paths=PathContext(None, Path.cwd()), model_image_size=32
+        )
