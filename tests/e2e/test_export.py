@@ -124,7 +124,7 @@ def test_export_errors_exit_2(runner: CliRunner, official_tiny: Path, tmp_path: 
             moe, "--format", "torch-export", "--fold-for", "image_caption"
         ),
         "no row in the reference attribute table": export(
-            moe, "--format", "onnx", "--fold-for", "vqa"
+            moe, "--format", "torch-export", "--fold-for", "vqa"
         ),
         "--fold-for applies to": export(moe, "--fold-for", "image_retrieval"),
     }
