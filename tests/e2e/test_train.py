@@ -332,6 +332,29 @@ def test_prompt_tune_changes_only_prompt_parameters(tmp_path: Path) -> None:
     assert float(head.fc.weight.detach().abs().sum()) > 0  # type: ignore[union-attr, operator]
     logits = head(torch.zeros(2, 5), feats)
     assert logits.shape == (2, 5)
+    # load() attaches the heads and `uniperceiver eval` applies the one of the task with the same name.
+    assert set(getattr(tuned, "prompt_heads", {})) == {"cls"}
+    eval_recipe = tmp_path / "ev.yaml"
+    eval_recipe.write_text(
+        yaml.safe_dump(
+            {
+                "command": "eval",
+                "run": {"name": "ev"},
+                "tasks": [
+                    {
+                        "name": "cls",
+                        "type": "image_classification",
+                        "batch_size": 8,
+                        "data": {"format": "toy", "split": "val", "num_samples": 16},
+                    }
+                ],
+            }
+        )
+    )
+    result = run_cli("eval", str(eval_recipe), str(run), "-o", str(tmp_path / "ev"), "--json")
+    assert result.exit_code == 0, result.output
+    metrics = json.loads((tmp_path / "ev" / "metrics.json").read_text())
+    assert metrics["tasks"]["cls"]["protocol"]["prompt_linear_head"] is True
 
 
 def test_finetune_from_pretrained_run(tmp_path: Path) -> None:

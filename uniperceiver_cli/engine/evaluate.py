@@ -685,10 +685,27 @@ def _eval_classification(model: UniPerceiver, task: EvalTask, device: torch.devi
     first_names = [n[0] for n in task.data.class_names or ()]
     classes = _encode_candidates(model, task, first_names, device, kind="classes")
     temp = _temperature(spec)
+    # A prompt-tuned checkpoint may carry a linear head for this task (SPEC §5.1 `fc_prompt`):
+    # logits = w_sim * cos-logits + fc(features).
+    prompt_head = getattr(model, "prompt_heads", {}).get(task.name)
     scores: list[Tensor] = []
     labels: list[Tensor] = []
     indices: list[Tensor] = []
     views = 1
+
+    def class_logits(feats: Tensor) -> Tensor:
+        logits = model.head.logits(feats, classes, temp)
+        if prompt_head is None:
+            return logits
+        out_features = int(prompt_head.fc.out_features)
+        if out_features != logits.shape[1]:
+            raise EvalError(
+                f"task {task.name!r}: the checkpoint's prompt-tuning linear head has {out_features} classes, "
+                f"the evaluation data {logits.shape[1]}"
+            )
+        head_logits: Tensor = prompt_head(logits, feats)
+        return head_logits
+
     for batch in _batches(task):
         assert isinstance(batch, ClassificationBatch)
         pixels = batch.pixels.to(device)
@@ -697,11 +714,10 @@ def _eval_classification(model: UniPerceiver, task: EvalTask, device: torch.devi
             feats = model.visual_features(
                 pixels.flatten(0, 1), task_type=spec.type, task=task.name
             ).features
-            logits = model.head.logits(feats, classes, temp).view(b, views, -1)
-            out = multiview_probabilities(logits)
+            out = multiview_probabilities(class_logits(feats).view(b, views, -1))
         else:
             feats = model.visual_features(pixels, task_type=spec.type, task=task.name).features
-            out = model.head.logits(feats, classes, temp)
+            out = class_logits(feats)
         scores.append(out.float().cpu())
         labels.append(batch.labels)
         indices.append(batch.indices)
@@ -720,6 +736,7 @@ def _eval_classification(model: UniPerceiver, task: EvalTask, device: torch.devi
     protocol = task.protocol.describe(spec.type)
     protocol["views"] = views
     protocol["temperature"] = temp
+    protocol["prompt_linear_head"] = prompt_head is not None
     return TaskResult(
         name=task.name,
         type=spec.type,

@@ -204,16 +204,16 @@ def load_prompt_tuned(
                     f"{folder}: {k} has shape {tuple(v.shape)}, model expects {tuple(own[k].shape)}"
                 )
             own[k].copy_(v)
-    heads_file = folder / HEADS_FILE
-    if heads_file.is_file():
-        names = sorted({k.split(".", 1)[0] for k in load_tensors(heads_file)})
-        logger.warning(
-            "%s: the prompt-tuning linear classification head(s) of task(s) %s are not applied by load() or "
-            "`uniperceiver eval`, which score with the cosine similarity head only (accuracies differ from "
-            "the run's own validation); apply them with "
-            "uniperceiver_cli.engine.freeze.load_prompt_heads",
+    heads = load_prompt_heads(folder, device)
+    if heads:
+        # Plain attribute (not a submodule): the heads stay out of the model's state dict and exports; the
+        # evaluation engine applies the head of a classification task with the same name.
+        object.__setattr__(model, "prompt_heads", heads)
+        logger.info(
+            "%s: prompt-tuning linear head(s) for task(s) %s are applied by `uniperceiver eval` to the tasks "
+            "of the same name",
             folder,
-            ", ".join(names),
+            ", ".join(sorted(heads)),
         )
     return model.to(device).eval()
 
