@@ -139,6 +139,14 @@ def build_dataset(
     if transform is None and image_size is not None:
         transform = default_transform(task_type, image_size, train=is_train, clip=clip)
     text_len: dict[str, Any] = {} if max_text_len is None else {"max_text_len": max_text_len}
+    # the settings every caption reader takes (image and video alike)
+    caption_args: dict[str, Any] = {
+        "split": split,
+        "transform": transform,
+        "tokenizer": tokenizer,
+        "max_text_len": max_text_len,
+        "caption_mode": caption_mode,
+    }
 
     if isinstance(options, ImageFolderOptions):
         from uniperceiver_cli.data.formats.image_folder import ImageFolderDataset
@@ -151,25 +159,11 @@ def build_dataset(
     if isinstance(options, CocoCaptionsOptions):
         from uniperceiver_cli.data.formats.coco_captions import CocoCaptionsDataset
 
-        return CocoCaptionsDataset(
-            options,
-            split=split,
-            transform=transform,
-            tokenizer=tokenizer,
-            max_text_len=max_text_len,
-            caption_mode=caption_mode,
-        )
+        return CocoCaptionsDataset(options, **caption_args)
     if isinstance(options, KarpathyOptions):
         from uniperceiver_cli.data.formats.karpathy import KarpathyDataset
 
-        return KarpathyDataset(
-            options,
-            split=split,
-            transform=transform,
-            tokenizer=tokenizer,
-            max_text_len=max_text_len,
-            caption_mode=caption_mode,
-        )
+        return KarpathyDataset(options, **caption_args)
     if isinstance(options, JsonlPairsOptions) and task_type == "vqa":
         from uniperceiver_cli.data.formats.vqa import VQADataset
 
@@ -184,14 +178,7 @@ def build_dataset(
     if isinstance(options, JsonlPairsOptions):
         from uniperceiver_cli.data.formats.jsonl_pairs import JsonlPairsDataset
 
-        return JsonlPairsDataset(
-            options,
-            split=split,
-            transform=transform,
-            tokenizer=tokenizer,
-            max_text_len=max_text_len,
-            caption_mode=caption_mode,
-        )
+        return JsonlPairsDataset(options, **caption_args)
     if isinstance(options, WebDatasetOptions):
         from uniperceiver_cli.data.formats.webdataset import WebDatasetStream
 
@@ -215,16 +202,7 @@ def build_dataset(
     if isinstance(options, VideoCaptionsOptions):
         from uniperceiver_cli.data.formats.video_captions import VideoCaptionsDataset
 
-        return VideoCaptionsDataset(
-            options,
-            split=split,
-            transform=transform,
-            clip=clip,
-            tokenizer=tokenizer,
-            max_text_len=max_text_len,
-            caption_mode=caption_mode,
-            train=is_train,
-        )
+        return VideoCaptionsDataset(options, clip=clip, train=is_train, **caption_args)
     if isinstance(options, TextCorpusOptions):
         from uniperceiver_cli.data.formats.text_corpus import TextCorpusDataset
 

@@ -375,25 +375,40 @@ def _modality(pixels: Tensor) -> VisualModality:
     return "image" if pixels.ndim == 3 else "video"
 
 
-def _stack_pixels(samples: Sequence[ClassificationSample | VisualTextSample]) -> Tensor:
+def _require_samples(samples: Sequence[Any]) -> None:
+    """Raise a `ValueError` for an empty batch."""
+    if not samples:
+        raise ValueError("expected at least one sample to collate, found none")
+
+
+def _indices(samples: Sequence[Any]) -> Tensor:
+    """`(B,)` int64 dataset positions of the samples."""
+    return torch.tensor([s.index for s in samples], dtype=torch.int64)
+
+
+def _stack_pixels(
+    samples: Sequence[ClassificationSample | VisualTextSample | VQASample],
+    *,
+    settings: str = "image size, frames, views",
+) -> Tensor:
+    """Stack the samples' pixels into `(B, ...)`; `settings` names what must match in the hint."""
     shapes = {tuple(s.pixels.shape) for s in samples}
     if len(shapes) != 1:
         raise ValueError(
             f"expected samples with one pixel shape per batch, found {sorted(shapes)}; "
-            "use the same transform (image size, frames, views) for every sample"
+            f"use the same transform ({settings}) for every sample"
         )
     return torch.stack([s.pixels for s in samples])
 
 
 def collate_classification(samples: Sequence[ClassificationSample]) -> ClassificationBatch:
     """Stack classification samples into a `ClassificationBatch`."""
-    if not samples:
-        raise ValueError("expected at least one sample to collate, found none")
+    _require_samples(samples)
     pixels = _stack_pixels(samples)
     return ClassificationBatch(
         pixels=pixels,
         labels=torch.tensor([s.label for s in samples], dtype=torch.int64),
-        indices=torch.tensor([s.index for s in samples], dtype=torch.int64),
+        indices=_indices(samples),
         modality=_modality(samples[0].pixels),
         skipped=_skipped(samples),
     )
@@ -401,8 +416,7 @@ def collate_classification(samples: Sequence[ClassificationSample]) -> Classific
 
 def collate_visual_text(samples: Sequence[VisualTextSample]) -> VisualTextBatch:
     """Stack visual-text samples and flatten their captions into a `VisualTextBatch`."""
-    if not samples:
-        raise ValueError("expected at least one sample to collate, found none")
+    _require_samples(samples)
     pixels = _stack_pixels(samples)
     seqs: list[Tensor] = []
     owners: list[int] = []
@@ -417,7 +431,7 @@ def collate_visual_text(samples: Sequence[VisualTextSample]) -> VisualTextBatch:
         text_ids=ids,
         text_padding=padding,
         text_owner=torch.tensor(owners, dtype=torch.int64),
-        indices=torch.tensor([s.index for s in samples], dtype=torch.int64),
+        indices=_indices(samples),
         item_ids=tuple(s.item_id for s in samples),
         captions=tuple(captions),
         modality=_modality(samples[0].pixels),
@@ -427,15 +441,14 @@ def collate_visual_text(samples: Sequence[VisualTextSample]) -> VisualTextBatch:
 
 def collate_mlm(samples: Sequence[MLMSample]) -> MLMBatch:
     """Pad MLM samples into an `MLMBatch` (labels padded with -1)."""
-    if not samples:
-        raise ValueError("expected at least one sample to collate, found none")
+    _require_samples(samples)
     ids, padding = pad_sequences([s.ids for s in samples])
     labels, _ = pad_sequences([s.labels for s in samples], pad_value=-1)
     return MLMBatch(
         ids=ids,
         padding=padding,
         labels=labels,
-        indices=torch.tensor([s.index for s in samples], dtype=torch.int64),
+        indices=_indices(samples),
         skipped=_skipped(samples),
     )
 
@@ -444,29 +457,22 @@ def collate_text_classification(
     samples: Sequence[TextClassificationSample],
 ) -> TextClassificationBatch:
     """Pad cloze samples into a `TextClassificationBatch`."""
-    if not samples:
-        raise ValueError("expected at least one sample to collate, found none")
+    _require_samples(samples)
     ids, padding = pad_sequences([s.ids for s in samples])
     return TextClassificationBatch(
         ids=ids,
         padding=padding,
         slots=torch.tensor([s.slot for s in samples], dtype=torch.int64),
         labels=torch.tensor([s.label for s in samples], dtype=torch.int64),
-        indices=torch.tensor([s.index for s in samples], dtype=torch.int64),
+        indices=_indices(samples),
         skipped=_skipped(samples),
     )
 
 
 def collate_vqa(samples: Sequence[VQASample]) -> VQABatch:
     """Stack VQA samples into a `VQABatch` (answers padded with label -1 and score 0)."""
-    if not samples:
-        raise ValueError("expected at least one sample to collate, found none")
-    shapes = {tuple(s.pixels.shape) for s in samples}
-    if len(shapes) != 1:
-        raise ValueError(
-            f"expected samples with one pixel shape per batch, found {sorted(shapes)}; "
-            "use the same transform (image size) for every sample"
-        )
+    _require_samples(samples)
+    pixels = _stack_pixels(samples, settings="image size")
     ids, padding = pad_sequences([s.ids for s in samples])
     width = max([len(s.answers) for s in samples] + [1])
     labels = torch.full((len(samples), width), -1, dtype=torch.int64)
@@ -476,14 +482,14 @@ def collate_vqa(samples: Sequence[VQASample]) -> VQABatch:
         labels[b, :n] = torch.tensor(s.answer_labels, dtype=torch.int64)
         scores[b, :n] = torch.tensor(s.scores, dtype=torch.float32)
     return VQABatch(
-        pixels=torch.stack([s.pixels for s in samples]),
+        pixels=pixels,
         ids=ids,
         padding=padding,
         slots=torch.tensor([s.slot for s in samples], dtype=torch.int64),
         targets=torch.tensor([s.target for s in samples], dtype=torch.int64),
         answer_labels=labels,
         answer_scores=scores,
-        indices=torch.tensor([s.index for s in samples], dtype=torch.int64),
+        indices=_indices(samples),
         item_ids=tuple(s.item_id for s in samples),
         questions=tuple(s.question for s in samples),
         answers=tuple(s.answers for s in samples),
@@ -496,8 +502,7 @@ Sample = ClassificationSample | VisualTextSample | MLMSample | TextClassificatio
 
 def collate(samples: Sequence[Sample]) -> Batch:
     """Collate samples of one family, dispatching on the type of the first sample."""
-    if not samples:
-        raise ValueError("expected at least one sample to collate, found none")
+    _require_samples(samples)
     first = samples[0]
     if isinstance(first, ClassificationSample):
         return collate_classification(samples)  # type: ignore[arg-type]

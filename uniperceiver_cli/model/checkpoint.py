@@ -365,12 +365,64 @@ def _read_reference(path: Path, *, trust: bool = False) -> tuple[dict[str, Tenso
     return out, layout
 
 
+def build_and_load(
+    config: ModelConfig,
+    state: Mapping[str, Tensor],
+    report: ImportReport,
+    where: str,
+    *,
+    strict: bool,
+    kind: str,
+) -> UniPerceiver:
+    """Build the model of `config` and load converted reference tensors into it.
+
+    Fills `report.missing`. With `strict`, reference keys the converter did not know (marked
+    "unknown key" in `report.ignored`) are an error and the model is built without
+    initialisation (every tensor must come from the file).
+
+    Args:
+        config: the architecture.
+        state: tensors under our keys.
+        report: the import report of the conversion.
+        where: the checkpoint path, for messages.
+        strict: refuse unknown keys and missing tensors.
+        kind: what the model is, for messages (e.g. "dense Uni-Perceiver").
+
+    Raises:
+        CheckpointError: with `strict`, unknown keys or missing tensors.
+    """
+    unknown = [k for k, why in report.ignored.items() if why == "unknown key"]
+    if strict and unknown:
+        raise CheckpointError(
+            f"{where}: {len(unknown)} keys are not part of a {kind} ({unknown[:8]}); "
+            "pass strict=False to skip them"
+        )
+    model = build_model(config, init=not strict)
+    report.missing = _load_into(model, state, where, strict=strict)
+    return model
+
+
 def _is_moe(keys: list[str]) -> bool:
     return any(".gate." in k or ".experts." in k or "deepspeed_moe" in k for k in keys)
 
 
-def _convert_old_names(state: dict[str, Tensor]) -> dict[str, Tensor]:
-    """Apply the reference converter's renames (SPEC §8.3) to DeepSpeed-era keys."""
+def rename_old_keys(
+    state: Mapping[str, Tensor], substitutions: tuple[tuple[str, str], ...]
+) -> dict[str, Tensor]:
+    """Rename DeepSpeed-era reference keys the way the reference converters do (SPEC §8.3).
+
+    Drops `visual_embed.*`, maps the `encoder.` prefix to `fused_encoder.` and `predictor.` to
+    `loss_prepare.`, applies `substitutions` in order (the dense or the MoE column of the
+    converter's mapping) and squeezes the `[1, 1, D]` residual scales `gamma_1`/`gamma_2` to
+    `[D]`; tensors keep their dtype.
+
+    Args:
+        state: reference tensors with old names.
+        substitutions: `(old substring, new substring)` pairs, applied in order to every key.
+
+    Returns:
+        The same tensors under new names.
+    """
     out: dict[str, Tensor] = {}
     for key, value in state.items():
         if key.startswith("visual_embed"):
@@ -378,7 +430,7 @@ def _convert_old_names(state: dict[str, Tensor]) -> dict[str, Tensor]:
         new = key
         if new.startswith("encoder."):
             new = "fused_encoder." + new[len("encoder.") :]
-        for old, rep in _OLD_TO_DENSE:
+        for old, rep in substitutions:
             new = new.replace(old, rep)
         if new.startswith("predictor."):
             new = "loss_prepare." + new[len("predictor.") :]
@@ -386,6 +438,11 @@ def _convert_old_names(state: dict[str, Tensor]) -> dict[str, Tensor]:
             value = value.reshape(-1)
         out[new] = value
     return out
+
+
+def _convert_old_names(state: dict[str, Tensor]) -> dict[str, Tensor]:
+    """Apply the reference converter's dense renames (SPEC §8.3) to DeepSpeed-era keys."""
+    return rename_old_keys(state, _OLD_TO_DENSE)
 
 
 def _infer_scale(table: Tensor, grid: int, image_size: int) -> float:
@@ -600,14 +657,7 @@ def load_reference_checkpoint(
     report = ImportReport(path=str(p), layout=layout, naming=naming)
     cfg = config if config is not None else infer_reference_config(state, str(p))
     ours = convert_reference_state_dict(state, cfg, report)
-    unknown = [k for k, why in report.ignored.items() if why == "unknown key"]
-    if strict and unknown:
-        raise CheckpointError(
-            f"{p}: {len(unknown)} keys are not part of a dense Uni-Perceiver ({unknown[:8]}); "
-            "pass strict=False to skip them"
-        )
-    model = build_model(cfg, init=not strict)
-    report.missing = _load_into(model, ours, str(p), strict=strict)
+    model = build_and_load(cfg, ours, report, str(p), strict=strict, kind="dense Uni-Perceiver")
     logger.info(
         "imported %s (%s layout, %s names): %d tensors, %d ignored, %d missing",
         p,

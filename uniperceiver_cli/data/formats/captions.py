@@ -1,7 +1,8 @@
 """Shared machinery of the caption readers (images or videos paired with captions).
 
 `CaptionedItems` is the parsed annotation (one entry per image or video, with all its captions);
-`VisualTextDataset` turns it into `VisualTextSample`s in one of three caption modes:
+`VisualTextDataset` turns it into `VisualTextSample`s in one of three caption modes (`CaptionReader`
+adds the settings every options-driven reader shares, `image_loader` the image media loader):
 
 * `random`: one item per sample, one of its captions drawn at random (training default);
 * `pairs`: one (item, caption) pair per sample, all pairs flattened (MSVD-style training);
@@ -11,6 +12,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -22,8 +24,11 @@ from torch import Tensor
 
 from uniperceiver_cli.data.errors import DataError
 from uniperceiver_cli.data.formats.base import MapDataset, read_json
+from uniperceiver_cli.data.images import read_image
+from uniperceiver_cli.data.options import CommonOptions
 from uniperceiver_cli.data.samples import VisualTextSample, collate_visual_text
 from uniperceiver_cli.data.text import TextTokenizer, default_tokenizer, encode_caption
+from uniperceiver_cli.data.transforms import ImageTransform, to_float_image
 
 logger = logging.getLogger(__name__)
 
@@ -253,3 +258,84 @@ def check_mapping(record: Any, source: Path, index: int) -> Mapping[str, Any]:
             f"{source}: record {index}: expected a JSON object, found {type(record).__name__}"
         )
     return record
+
+
+def read_jsonl_records(path: Path, what: str) -> list[tuple[int, Mapping[str, Any]]]:
+    """Read a JSON-lines file into `(line index, object)` pairs, skipping blank lines.
+
+    Args:
+        path: the file (the `file` of a `jsonl_pairs` section).
+        what: what the file holds, for the not-found message (e.g. "pairs file").
+
+    Raises:
+        DataError: the file is missing, or a line is not valid JSON or not a JSON object.
+    """
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except FileNotFoundError as exc:
+        raise DataError(f"{path}: {what} not found; check data.file") from exc
+    records: list[tuple[int, Mapping[str, Any]]] = []
+    for i, line in enumerate(lines):
+        if not line.strip():
+            continue
+        try:
+            records.append((i, check_mapping(json.loads(line), path, i)))
+        except json.JSONDecodeError as exc:
+            raise DataError(f"{path}: record {i}: not valid JSON ({exc.msg})") from exc
+    return records
+
+
+def image_loader(transform: ImageTransform | None) -> Callable[[CaptionedItem], Tensor]:
+    """Media loader of the image caption readers: decode an item's image, then transform it.
+
+    Args:
+        transform: uint8 `(3, H, W)` → float `(3, S, S)`; None scales to [0, 1] only.
+    """
+    tf = transform or to_float_image
+
+    def load_pixels(item: CaptionedItem) -> Tensor:
+        return tf(read_image(item.path))
+
+    return load_pixels
+
+
+class CaptionReader(VisualTextDataset):
+    """A `VisualTextDataset` configured by a reader's typed options.
+
+    Messages name the annotation file; the caption mode defaults by split (`random` for `train`,
+    else `all`); `on_error`, `max_samples` and `max_bad_fraction` come from the options.
+
+    Args:
+        options: the reader's options.
+        annotation: the annotation file (its name is the source in messages).
+        items: the parsed items.
+        load_pixels: reads and transforms the media of an item.
+        split: the split read (decides the default caption mode).
+        caption_mode: explicit caption mode, or None for the split's default.
+        tokenizer: default: the packaged CLIP tokenizer.
+        max_text_len: caption tokens kept (incl. EOT); None keeps all.
+    """
+
+    def __init__(
+        self,
+        options: CommonOptions,
+        *,
+        annotation: str | Path,
+        items: list[CaptionedItem],
+        load_pixels: Callable[[CaptionedItem], Tensor],
+        split: str,
+        caption_mode: CaptionMode | None,
+        tokenizer: TextTokenizer | None,
+        max_text_len: int | None,
+    ) -> None:
+        super().__init__(
+            source=Path(annotation).name,
+            items=items,
+            load_pixels=load_pixels,
+            caption_mode=caption_mode or default_caption_mode(split),
+            tokenizer=tokenizer,
+            max_text_len=max_text_len,
+            on_error=options.on_error,
+            max_samples=options.max_samples,
+            max_bad_fraction=options.max_bad_fraction,
+        )

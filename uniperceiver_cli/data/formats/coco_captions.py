@@ -2,24 +2,18 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
-from torch import Tensor
-
 from uniperceiver_cli.data.formats.captions import (
-    CaptionedItem,
     CaptionMode,
-    VisualTextDataset,
-    default_caption_mode,
+    CaptionReader,
+    image_loader,
     parse_coco_captions,
 )
-from uniperceiver_cli.data.images import read_image
 from uniperceiver_cli.data.options import CocoCaptionsOptions
 from uniperceiver_cli.data.text import TextTokenizer
-from uniperceiver_cli.data.transforms import ImageTransform, to_float_image
+from uniperceiver_cli.data.transforms import ImageTransform
 
 
-class CocoCaptionsDataset(VisualTextDataset):
+class CocoCaptionsDataset(CaptionReader):
     """Images with captions from one COCO-style JSON (`captions_train113k.json`, ...).
 
     Args:
@@ -44,19 +38,13 @@ class CocoCaptionsDataset(VisualTextDataset):
     ) -> None:
         split = split or options.split
         items = parse_coco_captions(options.annotation_file, options.images_dir)
-        tf = transform or to_float_image
-
-        def load_pixels(item: CaptionedItem) -> Tensor:
-            return tf(read_image(item.path))
-
         super().__init__(
-            source=Path(options.annotation_file).name,
+            options,
+            annotation=options.annotation_file,
             items=items,
-            load_pixels=load_pixels,
-            caption_mode=caption_mode or default_caption_mode(split),
+            load_pixels=image_loader(transform),
+            split=split,
+            caption_mode=caption_mode,
             tokenizer=tokenizer,
             max_text_len=max_text_len,
-            on_error=options.on_error,
-            max_samples=options.max_samples,
-            max_bad_fraction=options.max_bad_fraction,
         )

@@ -2,24 +2,20 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
-
-from torch import Tensor
 
 from uniperceiver_cli.data.errors import DataError
 from uniperceiver_cli.data.formats.captions import (
     CaptionedItem,
     CaptionMode,
-    VisualTextDataset,
-    check_mapping,
-    default_caption_mode,
+    CaptionReader,
+    image_loader,
+    read_jsonl_records,
     words_to_caption,
 )
-from uniperceiver_cli.data.images import read_image
 from uniperceiver_cli.data.options import JsonlPairsOptions
 from uniperceiver_cli.data.text import TextTokenizer
-from uniperceiver_cli.data.transforms import ImageTransform, to_float_image
+from uniperceiver_cli.data.transforms import ImageTransform
 
 
 def parse_jsonl_pairs(options: JsonlPairsOptions) -> list[CaptionedItem]:
@@ -33,18 +29,8 @@ def parse_jsonl_pairs(options: JsonlPairsOptions) -> list[CaptionedItem]:
     """
     p = Path(options.file)
     root = Path(options.images_dir) if options.images_dir else p.parent
-    try:
-        lines = p.read_text(encoding="utf-8").splitlines()
-    except FileNotFoundError as exc:
-        raise DataError(f"{p}: pairs file not found; check data.file") from exc
     items: list[CaptionedItem] = []
-    for i, line in enumerate(lines):
-        if not line.strip():
-            continue
-        try:
-            rec = check_mapping(json.loads(line), p, i)
-        except json.JSONDecodeError as exc:
-            raise DataError(f"{p}: record {i}: not valid JSON ({exc.msg})") from exc
+    for i, rec in read_jsonl_records(p, "pairs file"):
         for key in (options.image_key, options.caption_key):
             if key not in rec:
                 raise DataError(f"{p}: record {i}: missing '{key}'")
@@ -69,7 +55,7 @@ def parse_jsonl_pairs(options: JsonlPairsOptions) -> list[CaptionedItem]:
     return items
 
 
-class JsonlPairsDataset(VisualTextDataset):
+class JsonlPairsDataset(CaptionReader):
     """Image-caption pairs from a JSON-lines file.
 
     Args:
@@ -93,19 +79,13 @@ class JsonlPairsDataset(VisualTextDataset):
     ) -> None:
         split = split or options.split
         items = parse_jsonl_pairs(options)
-        tf = transform or to_float_image
-
-        def load_pixels(item: CaptionedItem) -> Tensor:
-            return tf(read_image(item.path))
-
         super().__init__(
-            source=Path(options.file).name,
+            options,
+            annotation=options.file,
             items=items,
-            load_pixels=load_pixels,
-            caption_mode=caption_mode or default_caption_mode(split),
+            load_pixels=image_loader(transform),
+            split=split,
+            caption_mode=caption_mode,
             tokenizer=tokenizer,
             max_text_len=max_text_len,
-            on_error=options.on_error,
-            max_samples=options.max_samples,
-            max_bad_fraction=options.max_bad_fraction,
         )

@@ -4,21 +4,18 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from torch import Tensor
-
 from uniperceiver_cli.data.errors import DataError
 from uniperceiver_cli.data.formats.base import read_json
 from uniperceiver_cli.data.formats.captions import (
     CaptionedItem,
     CaptionMode,
-    VisualTextDataset,
+    CaptionReader,
     check_mapping,
-    default_caption_mode,
+    image_loader,
 )
-from uniperceiver_cli.data.images import read_image
 from uniperceiver_cli.data.options import KarpathyOptions
 from uniperceiver_cli.data.text import TextTokenizer
-from uniperceiver_cli.data.transforms import ImageTransform, to_float_image
+from uniperceiver_cli.data.transforms import ImageTransform
 
 
 def parse_karpathy(
@@ -67,7 +64,7 @@ def parse_karpathy(
     return items
 
 
-class KarpathyDataset(VisualTextDataset):
+class KarpathyDataset(CaptionReader):
     """Images with captions from a Karpathy JSON; the split is read from each record.
 
     Split `train` also takes `restval` when `options.restval_as_train`.
@@ -96,19 +93,13 @@ class KarpathyDataset(VisualTextDataset):
         if split == "train" and options.restval_as_train:
             splits.add("restval")
         items = parse_karpathy(options.annotation_file, options.images_dir, frozenset(splits))
-        tf = transform or to_float_image
-
-        def load_pixels(item: CaptionedItem) -> Tensor:
-            return tf(read_image(item.path))
-
         super().__init__(
-            source=Path(options.annotation_file).name,
+            options,
+            annotation=options.annotation_file,
             items=items,
-            load_pixels=load_pixels,
-            caption_mode=caption_mode or default_caption_mode(split),
+            load_pixels=image_loader(transform),
+            split=split,
+            caption_mode=caption_mode,
             tokenizer=tokenizer,
             max_text_len=max_text_len,
-            on_error=options.on_error,
-            max_samples=options.max_samples,
-            max_bad_fraction=options.max_bad_fraction,
         )

@@ -2,15 +2,12 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from torch import Tensor
 
 from uniperceiver_cli.data.formats.captions import (
     CaptionedItem,
     CaptionMode,
-    VisualTextDataset,
-    default_caption_mode,
+    CaptionReader,
     parse_coco_captions,
 )
 from uniperceiver_cli.data.options import VideoCaptionsOptions
@@ -19,7 +16,7 @@ from uniperceiver_cli.data.transforms import VideoTransform, to_float_image
 from uniperceiver_cli.data.video import ClipSpec, open_video, read_clip, resolve_backend
 
 
-class VideoCaptionsDataset(VisualTextDataset):
+class VideoCaptionsDataset(CaptionReader):
     """Videos with captions → `VisualTextSample`s with clips `(T, 3, S, S)` or views.
 
     A video is `<videos_dir>/<file_name><extension>` (a folder there is read as frames).
@@ -64,13 +61,12 @@ class VideoCaptionsDataset(VisualTextDataset):
                 source.close()
 
         super().__init__(
-            source=Path(options.annotation_file).name,
+            options,
+            annotation=options.annotation_file,
             items=items,
             load_pixels=load_pixels,
-            caption_mode=caption_mode or default_caption_mode(split),
+            split=split,
+            caption_mode=caption_mode,
             tokenizer=tokenizer,
             max_text_len=max_text_len,
-            on_error=options.on_error,
-            max_samples=options.max_samples,
-            max_bad_fraction=options.max_bad_fraction,
         )

@@ -18,7 +18,6 @@ answers that are in the vocabulary.
 
 from __future__ import annotations
 
-import json
 import re
 from collections import Counter
 from collections.abc import Mapping, Sequence
@@ -31,7 +30,7 @@ from torch import Tensor
 
 from uniperceiver_cli.data.errors import DataError
 from uniperceiver_cli.data.formats.base import MapDataset
-from uniperceiver_cli.data.formats.captions import check_mapping
+from uniperceiver_cli.data.formats.captions import read_jsonl_records
 from uniperceiver_cli.data.images import read_image
 from uniperceiver_cli.data.options import JsonlPairsOptions
 from uniperceiver_cli.data.samples import VQASample, collate_vqa
@@ -111,18 +110,8 @@ def parse_vqa_jsonl(options: JsonlPairsOptions) -> list[VQARecord]:
     """
     p = Path(options.file)
     root = Path(options.images_dir) if options.images_dir else p.parent
-    try:
-        lines = p.read_text(encoding="utf-8").splitlines()
-    except FileNotFoundError as exc:
-        raise DataError(f"{p}: VQA questions file not found; check data.file") from exc
     records: list[VQARecord] = []
-    for i, line in enumerate(lines):
-        if not line.strip():
-            continue
-        try:
-            rec = check_mapping(json.loads(line), p, i)
-        except json.JSONDecodeError as exc:
-            raise DataError(f"{p}: record {i}: not valid JSON ({exc.msg})") from exc
+    for i, rec in read_jsonl_records(p, "VQA questions file"):
         where = f"{p}: record {i}"
         for key in (options.image_key, options.question_key, options.answers_key):
             if key not in rec:

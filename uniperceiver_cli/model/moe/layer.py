@@ -96,7 +96,11 @@ def _signature(params: Sequence[torch.Tensor]) -> tuple[tuple[int, int, int], ..
 
 
 class _RoutedLinear(nn.Module):
-    """State shared by both routed linear kinds."""
+    """State shared by both routed linear kinds.
+
+    `router` (the gate a gate owner registers) is only checked here: exactly one of `router` and
+    `leader` must be given, else `ValueError`.
+    """
 
     def __init__(
         self,
@@ -104,12 +108,15 @@ class _RoutedLinear(nn.Module):
         out_features: int,
         moe: MoEConfig,
         *,
+        router: nn.Module | None,
         layer_index: int,
         sublayer: str,
         leader: _RoutedLinear | None,
         bias: bool,
         fused_qkv: bool,
     ) -> None:
+        if (router is None) == (leader is None):
+            raise ValueError("give exactly one of router (gate owner) and leader (follower)")
         super().__init__()
         self.in_features = in_features
         self.out_features = out_features
@@ -185,12 +192,11 @@ class SegmentRoutedLinear(_RoutedLinear):
         bias: bool = True,
         fused_qkv: bool = False,
     ) -> None:
-        if (router is None) == (leader is None):
-            raise ValueError("give exactly one of router (gate owner) and leader (follower)")
         super().__init__(
             in_features,
             out_features,
             moe,
+            router=router,
             layer_index=layer_index,
             sublayer=sublayer,
             leader=leader,
@@ -487,12 +493,11 @@ class TokenRoutedLinear(_RoutedLinear):
         bias: bool = True,
         fused_qkv: bool = False,
     ) -> None:
-        if (router is None) == (leader is None):
-            raise ValueError("give exactly one of router (gate owner) and leader (follower)")
         super().__init__(
             in_features,
             out_features,
             moe,
+            router=router,
             layer_index=layer_index,
             sublayer=sublayer,
             leader=leader,

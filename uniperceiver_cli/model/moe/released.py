@@ -31,13 +31,13 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from uniperceiver_cli.model.build import build_model
 from uniperceiver_cli.model.checkpoint import (
     CheckpointError,
     ImportReport,
-    _load_into,
+    build_and_load,
     convert_reference_state_dict,
     infer_reference_config,
+    rename_old_keys,
 )
 from uniperceiver_cli.model.config import ModelConfig, MoEConfig, Sublayer
 from uniperceiver_cli.model.moe.keys import MoEKeyError, convert_reference_linear
@@ -90,21 +90,7 @@ def convert_old_moe_names(state: Mapping[str, Tensor]) -> dict[str, Tensor]:
     Returns:
         The same tensors under new-code MoE names.
     """
-    out: dict[str, Tensor] = {}
-    for key, value in state.items():
-        if key.startswith("visual_embed"):
-            continue
-        new = key
-        if new.startswith("encoder."):
-            new = "fused_encoder." + new[len("encoder.") :]
-        for old, rep in _OLD_TO_MOE:
-            new = new.replace(old, rep)
-        if new.startswith("predictor."):
-            new = "loss_prepare." + new[len("predictor.") :]
-        if new.endswith(("gamma_1", "gamma_2")) and value.dim() == 3:
-            value = value.reshape(-1)
-        out[new] = value
-    return out
+    return rename_old_keys(state, _OLD_TO_MOE)
 
 
 def _expert_layout(state: Mapping[str, Tensor], where: str) -> dict[int, dict[str, set[int]]]:
@@ -293,14 +279,7 @@ def load_reference_moe_state(
             "pass config=None to infer it"
         )
     ours = convert_moe_state_dict(state, cfg, report)
-    unknown = [k for k, why in report.ignored.items() if why == "unknown key"]
-    if strict and unknown:
-        raise CheckpointError(
-            f"{p}: {len(unknown)} keys are not part of a Uni-Perceiver-MoE model ({unknown[:8]}); "
-            "pass strict=False to skip them"
-        )
-    model = build_model(cfg, init=not strict)
-    report.missing = _load_into(model, ours, str(p), strict=strict)
+    model = build_and_load(cfg, ours, report, str(p), strict=strict, kind="Uni-Perceiver-MoE model")
     logger.info(
         "imported MoE %s (%s layout, %s names): E=%d, MoE layers %s, %d tensors, %d dead gates dropped",
         p,
