@@ -119,9 +119,11 @@ def test_dry_run_prints_resolved_recipe(runner: CliRunner) -> None:
 def test_not_available_commands_exit_3(
     runner: CliRunner, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import uniperceiver_cli.cli.app as app_module
+    import uniperceiver_cli.cli.export_commands as export_commands
+    import uniperceiver_cli.cli.train_commands as train_commands
 
-    monkeypatch.setattr(app_module, "engine_available", lambda module: False)
+    monkeypatch.setattr(train_commands, "engine_available", lambda module: False)
+    monkeypatch.setattr(export_commands, "engine_available", lambda module: False)
     result = runner.invoke(app, ["pretrain", str(TINY), "--json"])
     assert result.exit_code == ExitCode.NOT_AVAILABLE
     payload = json.loads(result.stdout)
@@ -178,13 +180,19 @@ def test_data_toy_writes_real_formats(runner: CliRunner, tmp_path: Path) -> None
 
     out = tmp_path / "toy"
     result = runner.invoke(
-        app, ["data", "toy", "--out", str(out), "--num-images", "20", "--num-videos", "10", "--json"]
+        app,
+        ["data", "toy", "--out", str(out), "--num-images", "20", "--num-videos", "10", "--json"],
     )
     assert result.exit_code == 0, result.output
     paths = json.loads(result.stdout)["paths"]
     assert not list(tmp_path.glob(".toy.tmp-*"))
     options = options_for(
-        {"format": "coco_captions", "split": "train", "annotation_file": paths["captions_train"], "images_dir": paths["images"]}
+        {
+            "format": "coco_captions",
+            "split": "train",
+            "annotation_file": paths["captions_train"],
+            "images_dir": paths["images"],
+        }
     )
     dataset = build_dataset(options, task_type="image_retrieval", image_size=32)
     assert len(dataset) > 0

@@ -89,7 +89,11 @@ def print_training_result(result: Any, *, as_json: bool = False) -> None:
         table.add_column("frozen", justify="right")
         for row in result.parameter_table:
             table.add_row(row.module, f"{row.trainable:,}", f"{row.frozen:,}")
-        table.add_row("total", f"{result.trainable_parameters:,}", f"{result.total_parameters - result.trainable_parameters:,}")
+        table.add_row(
+            "total",
+            f"{result.trainable_parameters:,}",
+            f"{result.total_parameters - result.trainable_parameters:,}",
+        )
         console.print(table)
     summary: dict[str, Any] = {
         "status": "interrupted" if result.interrupted else "done",
@@ -106,7 +110,10 @@ def print_training_result(result: Any, *, as_json: bool = False) -> None:
     for key, value in result.metrics.items():
         if not key.endswith("/count"):
             summary[key] = f"{value:.2f}"
-    print_mapping(f"{result.command.replace('_', '-')} {'interrupted' if result.interrupted else 'finished'}", summary)
+    print_mapping(
+        f"{result.command.replace('_', '-')} {'interrupted' if result.interrupted else 'finished'}",
+        summary,
+    )
     if as_json:
         payload = result.to_json()
         payload["ok"] = not result.interrupted
