@@ -438,3 +438,16 @@ def test_precisions_accumulation_and_checkpointing_run(
     # Two micro-batches per step: each record names the task(s) sampled for both.
     assert all(len(r["task"].split(",")) in (1, 2) and r["task"] for r in train_rows)
     assert all(math.isfinite(r["loss"]) for r in train_rows)
+
+
+def test_no_resume_refuses_to_overwrite_existing_checkpoints(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    recipe = str(tiny_recipe(tmp_path / "p.yaml"))
+    assert run_cli("pretrain", recipe, "-o", str(run)).exit_code == 0
+    step_dir = latest(run)
+    before = (step_dir / "model.safetensors").read_bytes()
+    result = run_cli("pretrain", recipe, "-o", str(run), "--no-resume", "--json")
+    assert result.exit_code == 2, result.output
+    assert "already holds checkpoints" in result.output
+    assert "Traceback" not in result.output
+    assert (step_dir / "model.safetensors").read_bytes() == before

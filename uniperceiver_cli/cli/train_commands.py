@@ -19,7 +19,8 @@ from uniperceiver_cli.cli.options import (
     load_or_exit,
     not_available,
 )
-from uniperceiver_cli.cli.render import print_json, stderr_console, stdout_console
+from uniperceiver_cli.cli.render import print_issues, print_json, stderr_console, stdout_console
+from uniperceiver_cli.recipe.errors import Issue
 from uniperceiver_cli.recipe.load import LoadedRecipe, dump_resolved
 
 
@@ -51,10 +52,22 @@ def _run_training(
     checkpoint problems; the message says which and what to do).
     """
     from uniperceiver_cli.cli.render import print_training_result
-    from uniperceiver_cli.engine.train import TrainingInterrupted, train, user_errors
+    from uniperceiver_cli.engine.train import (
+        RunFolderInUseError,
+        TrainingInterrupted,
+        train,
+        user_errors,
+    )
 
     try:
         result = train(loaded, output_dir=output_dir, resume=resume)
+    except RunFolderInUseError as exc:
+        print_issues("output folder", [Issue("command line", None, "--output-dir", str(exc))])
+        if as_json:
+            print_json(
+                {"ok": False, "status": "usage", "error": type(exc).__name__, "message": str(exc)}
+            )
+        raise typer.Exit(ExitCode.USAGE) from None
     except TrainingInterrupted as stop:
         print_training_result(stop.result, as_json=as_json)
         raise typer.Exit(ExitCode.INTERRUPTED) from None

@@ -96,6 +96,10 @@ class TrainingError(RuntimeError):
     """The run started but cannot continue (exit code 1)."""
 
 
+class RunFolderInUseError(TrainingError):
+    """`resume=False` was asked for a run folder that already holds checkpoints (exit code 2, nothing written)."""
+
+
 class TrainingDivergedError(TrainingError):
     """Too many consecutive steps had a non-finite loss or gradient."""
 
@@ -257,7 +261,10 @@ def _compile_blocks(model: nn.Module) -> None:
     """
     skipped = 0
     for block in model.encoder.blocks():  # type: ignore[operator, union-attr]
-        if any(not isinstance(m, nn.Linear) for m in (block.qkv, block.attn_out, block.ffn_in, block.ffn_out)):
+        if any(
+            not isinstance(m, nn.Linear)
+            for m in (block.qkv, block.attn_out, block.ffn_in, block.ffn_out)
+        ):
             skipped += 1
             continue
         block.compile()
@@ -460,6 +467,12 @@ def _train(
     seed = int(recipe.run.seed)
     seed_everything(seed, runtime.rank, deterministic=recipe.runtime.deterministic)
     run_dir = resolve_run_dir(recipe, output_dir)
+    existing = latest_checkpoint(run_dir)
+    if existing is not None and not resume:
+        raise RunFolderInUseError(
+            f"{run_dir} already holds checkpoints (latest: {existing.name}); starting over would overwrite them. "
+            "Choose another --output-dir, or continue the run with --resume"
+        )
     sched = recipe.schedule
     optim_spec = recipe.optim
     task_specs = list(recipe.tasks)
@@ -553,7 +566,7 @@ def _train(
     bad_steps = 0
     resumed_from: Path | None = None
     rng_to_restore: dict[str, Any] | None = None
-    ckpt_path = latest_checkpoint(run_dir) if resume else None
+    ckpt_path = existing if resume else None
     if ckpt_path is not None:
         ck = load_checkpoint(ckpt_path, runtime.rank)
         if ck.state.world_size != runtime.world_size:
