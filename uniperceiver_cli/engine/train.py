@@ -17,15 +17,11 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import hashlib
-import json
 import logging
 import math
-import platform
 import signal
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
 from typing import Any
@@ -67,6 +63,8 @@ from uniperceiver_cli.engine.freeze import (
 )
 from uniperceiver_cli.engine.optim import build_optimizer, lr_at, set_lr
 from uniperceiver_cli.engine.reporting import Reporter
+from uniperceiver_cli.engine.run_files import recipe_text, write_run_files
+from uniperceiver_cli.engine.run_files import resolve_run_dir as resolve_run_dir
 from uniperceiver_cli.engine.runtime import (
     Runtime,
     all_reduce_max,
@@ -86,79 +84,23 @@ from uniperceiver_cli.engine.tasks import (
     TrainingModule,
     build_objective,
 )
+from uniperceiver_cli.engine.train_types import RunFolderInUseError as RunFolderInUseError
+from uniperceiver_cli.engine.train_types import TrainingDivergedError as TrainingDivergedError
+from uniperceiver_cli.engine.train_types import TrainingError as TrainingError
+from uniperceiver_cli.engine.train_types import TrainingInterrupted as TrainingInterrupted
+from uniperceiver_cli.engine.train_types import TrainResult as TrainResult
+from uniperceiver_cli.engine.train_types import user_errors as user_errors
 from uniperceiver_cli.engine.validation import VALIDATED_TYPES, validate
+from uniperceiver_cli.engine.wrap import (
+    apply_activation_checkpointing,
+    compile_blocks,
+    is_fsdp,
+    sync_ignored_grads,
+    wrap_parallel,
+)
 from uniperceiver_cli.model.moe.telemetry import MoEAux
 
 logger = logging.getLogger(__name__)
-
-
-class TrainingError(RuntimeError):
-    """The run started but cannot continue (exit code 1)."""
-
-
-class RunFolderInUseError(TrainingError):
-    """`resume=False` was asked for a run folder that already holds checkpoints (exit code 2, nothing written)."""
-
-
-class TrainingDivergedError(TrainingError):
-    """Too many consecutive steps had a non-finite loss or gradient."""
-
-
-class TrainingInterrupted(Exception):  # noqa: N818 - a requested stop, not an error
-    """SIGINT stopped the run after saving a checkpoint (exit code 130).
-
-    Attributes:
-        result: what the run had reached.
-    """
-
-    def __init__(self, result: TrainResult) -> None:
-        super().__init__(f"interrupted at step {result.step}; checkpoint {result.checkpoint}")
-        self.result = result
-
-
-@dataclass
-class TrainResult:
-    """What a training run produced.
-
-    Attributes:
-        run_dir: the run folder.
-        command: `pretrain`, `finetune` or `prompt_tune`.
-        step: optimizer steps completed.
-        max_steps: steps the recipe asked for.
-        checkpoint: the last checkpoint folder written.
-        resumed_from: the checkpoint the run resumed from, if any.
-        metrics: final validation metrics (`val/<task>/<metric>`).
-        losses: mean training loss per task over the last `log_every` steps of each task.
-        seconds: wall time of the loop.
-        trainable_parameters: scalars trained.
-        total_parameters: scalars in the model (and heads).
-        parameter_table: prompt tuning: trainable vs frozen per module.
-        interrupted: stopped by SIGINT.
-        rank: the process that produced this result (only rank 0 renders it).
-    """
-
-    run_dir: Path
-    command: str
-    step: int
-    max_steps: int
-    checkpoint: Path | None
-    resumed_from: Path | None = None
-    metrics: dict[str, float] = field(default_factory=dict)
-    losses: dict[str, float] = field(default_factory=dict)
-    seconds: float = 0.0
-    trainable_parameters: int = 0
-    total_parameters: int = 0
-    parameter_table: list[ParamRow] | None = None
-    interrupted: bool = False
-    rank: int = 0
-
-    def to_json(self) -> dict[str, Any]:
-        """JSON-ready summary."""
-        out = dataclasses.asdict(self)
-        out["run_dir"] = str(self.run_dir)
-        out["checkpoint"] = str(self.checkpoint) if self.checkpoint else None
-        out["resumed_from"] = str(self.resumed_from) if self.resumed_from else None
-        return out
 
 
 class _Interrupt:
@@ -188,150 +130,6 @@ class _Interrupt:
         finally:
             if self._old is not None:
                 signal.signal(signal.SIGINT, self._old)
-
-
-def user_errors() -> tuple[type[BaseException], ...]:
-    """Errors a run reports as a clean message (exit 1) instead of a traceback."""
-    from uniperceiver_cli.engine.build import InitCheckpointError
-    from uniperceiver_cli.engine.expert_parallel import ExpertParallelSetupError
-    from uniperceiver_cli.engine.freeze import PromptDeltaError
-    from uniperceiver_cli.engine.runtime import RuntimeSetupError
-    from uniperceiver_cli.model.checkpoint import CheckpointError
-
-    return (
-        TrainingError,
-        TrainingCheckpointError,
-        DataError,
-        TaskDataError,
-        InitCheckpointError,
-        PromptDeltaError,
-        RuntimeSetupError,
-        CheckpointError,
-        ExpertParallelSetupError,
-    )
-
-
-def resolve_run_dir(recipe: Any, output_dir: Path | None) -> Path:
-    """`--output-dir`, else `run.output_dir`, else `runs/<run.name>`."""
-    if output_dir is not None:
-        return Path(output_dir)
-    if recipe.run.output_dir:
-        return Path(recipe.run.output_dir)
-    return Path("runs") / str(recipe.run.name)
-
-
-def _recipe_text(loaded: Any) -> str:
-    from uniperceiver_cli.recipe.load import dump_resolved
-
-    return dump_resolved(loaded)
-
-
-def _write_run_files(run_dir: Path, loaded: Any, runtime: Runtime, seed: int) -> None:
-    run_dir.mkdir(parents=True, exist_ok=True)
-    text = _recipe_text(loaded)
-    (run_dir / "recipe.resolved.yaml").write_text(text, encoding="utf-8")
-    import torchvision
-
-    from uniperceiver_cli import __version__
-
-    env = {
-        "uniperceiver_cli": __version__,
-        "torch": torch.__version__,
-        "torchvision": torchvision.__version__,
-        "python": platform.python_version(),
-        "device": str(runtime.device),
-        "device_name": torch.cuda.get_device_name(runtime.device)
-        if runtime.device.type == "cuda"
-        else platform.processor(),
-        "world_size": runtime.world_size,
-        "precision": runtime.precision,
-        "seed": seed,
-        "recipe_sha256": hashlib.sha256(text.encode()).hexdigest(),
-        "overrides": list(loaded.overrides),
-    }
-    (run_dir / "env.json").write_text(json.dumps(env, indent=2) + "\n", encoding="utf-8")
-
-
-def _compile_blocks(model: nn.Module) -> None:
-    """`torch.compile` every dense encoder block; blocks holding routed (MoE) linears stay eager.
-
-    Routed linears keep Python-side routing plans and split sequences at data-dependent segment boundaries,
-    which TorchDynamo cannot trace into one graph (an AOTAutograd shape assertion in torch 2.11), so their
-    blocks run eagerly and the dense blocks are compiled.
-    """
-    skipped = 0
-    for block in model.encoder.blocks():  # type: ignore[operator, union-attr]
-        if any(
-            not isinstance(m, nn.Linear)
-            for m in (block.qkv, block.attn_out, block.ffn_in, block.ffn_out)
-        ):
-            skipped += 1
-            continue
-        block.compile()
-    if skipped:
-        logger.info("torch.compile: %d block(s) with routed MoE linears run eagerly", skipped)
-
-
-def _apply_activation_checkpointing(model: nn.Module) -> None:
-    """Recompute every encoder block in backward (keeps parameter names unchanged)."""
-    from torch.utils.checkpoint import checkpoint
-
-    from uniperceiver_cli.model.encoder import EncoderBlock
-
-    for module in model.modules():
-        if isinstance(module, EncoderBlock):
-            original = module.forward
-
-            def wrapped(*args: Any, _f: Any = original, **kwargs: Any) -> Any:
-                return checkpoint(_f, *args, use_reentrant=False, **kwargs)
-
-            module.forward = wrapped  # type: ignore[method-assign]
-
-
-def _wrap_parallel(
-    module: TrainingModule, runtime: Runtime, mode: str, ep: ExpertParallel | None
-) -> nn.Module:
-    if not runtime.distributed:
-        return module
-    if mode == "fsdp2":
-        if ep is not None:
-            raise TrainingError(
-                "runtime.distributed fsdp2 cannot shard a model whose experts are already sharded by "
-                "expert parallelism; use runtime.distributed ddp with model.moe.expert_parallel_size > 1"
-            )
-        from torch.distributed.device_mesh import init_device_mesh
-        from torch.distributed.fsdp import fully_shard
-
-        mesh = init_device_mesh(runtime.device.type, (runtime.world_size,))
-        # FSDP2 cannot shard 0-dim parameters (the logit scales, a head's similarity weight): they stay
-        # replicated and their gradients are averaged by `_sync_ignored_grads`.
-        scalars = {p for p in module.parameters() if p.dim() == 0}
-        fully_shard(module, mesh=mesh, reshard_after_forward=False, ignored_params=scalars)
-        return module
-    from torch.nn.parallel import DistributedDataParallel
-
-    ids = [runtime.device.index] if runtime.device.type == "cuda" else None
-    if ep is not None:
-        # Expert shards differ per rank: their gradients are reduced by `ExpertParallel`, not by DDP.
-        DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(  # type: ignore[no-untyped-call]
-            module, [f"model.{n}" for n in ep.names]
-        )
-    return DistributedDataParallel(
-        module, device_ids=ids, find_unused_parameters=True, broadcast_buffers=False
-    )
-
-
-def _sync_ignored_grads(module: nn.Module, runtime: Runtime) -> None:
-    """Average the gradients of parameters FSDP2 left replicated (0-dim ones) over ranks."""
-    if not runtime.distributed or not _is_fsdp(module):
-        return
-    import torch.distributed as dist
-
-    for p in module.parameters():
-        if p.dim() == 0 and p.requires_grad:
-            grad = p.grad if p.grad is not None else torch.zeros_like(p)
-            dist.all_reduce(grad, op=dist.ReduceOp.SUM)
-            p.grad = grad / runtime.world_size
 
 
 def _few_shot(name: str, data: TaskData, fraction: float, seed: int) -> TaskData:
@@ -542,12 +340,12 @@ def _train(
     trainable_params = sum(p.numel() for p in module.parameters() if p.requires_grad)
     ep = setup_expert_parallel(model, runtime)
     if recipe.runtime.activation_checkpointing:
-        _apply_activation_checkpointing(module)
+        apply_activation_checkpointing(module)
     if recipe.runtime.compile:
-        _compile_blocks(model)
+        compile_blocks(model)
 
     # --- optimizer, scaler, wrapper --------------------------------------------------------------------------
-    wrapped = _wrap_parallel(module, runtime, recipe.runtime.distributed, ep)
+    wrapped = wrap_parallel(module, runtime, recipe.runtime.distributed, ep)
     optimizer, groups = build_optimizer(
         module,
         lr=optim_spec.lr,
@@ -608,7 +406,7 @@ def _train(
     )
     stream.consumed = dict(positions)
     if runtime.is_main:
-        _write_run_files(run_dir, loaded, runtime, seed)
+        write_run_files(run_dir, loaded, runtime, seed)
     runtime.barrier()
 
     reporter = Reporter(
@@ -714,7 +512,7 @@ def _train(
                     losses.setdefault(task, []).append(result.parts.get("loss", float("nan")))
                 record["task"] = tasks_run[-1] if len(set(tasks_run)) == 1 else ",".join(tasks_run)
                 record["loss"] = float(sum(record.get(f"loss/{t}", 0.0) for t in set(tasks_run)))
-                _sync_ignored_grads(module, runtime)
+                sync_ignored_grads(module, runtime)
                 if ep is not None:
                     ep.reduce_expert_grads()
                 scaler.unscale_(optimizer)
@@ -917,12 +715,6 @@ def _evaluate_here(
     )
 
 
-def _is_fsdp(module: nn.Module) -> bool:
-    from torch.distributed.fsdp import FSDPModule
-
-    return isinstance(module, FSDPModule)
-
-
 def _full_state(
     wrapped: nn.Module,
     module: nn.Module,
@@ -935,7 +727,7 @@ def _full_state(
     Expert-parallel runs gather the expert shards (and their Adam moments) along the expert axis.
     FSDP2 gathers full tensors with `torch.distributed.checkpoint.state_dict`, keyed by parameter names.
     """
-    if not _is_fsdp(module):
+    if not is_fsdp(module):
         msd = {k: v.detach().to("cpu") for k, v in module.state_dict().items()}
         osd = optimizer.state_dict()
         if ep is not None:
@@ -1005,7 +797,7 @@ def _save(
             model_config=module.model.config,
             optimizer_state=optim_state,
             state=state,
-            recipe_text=_recipe_text(loaded),
+            recipe_text=recipe_text(loaded),
             heads_state=heads_state or None,
             delta=delta,
         )
@@ -1048,7 +840,7 @@ def _load_module_state(
         raise TrainingCheckpointError(
             f"{ck.path}: missing tensors {missing[:6]}; the checkpoint is incomplete"
         )
-    if not _is_fsdp(module):
+    if not is_fsdp(module):
         optim_state = ck.optimizer_state["optimizer"]
         if ep is not None:
             full = ep.slice_model_state(full, "model.")
