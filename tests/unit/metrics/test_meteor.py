@@ -21,10 +21,12 @@ from uniperceiver_cli.metrics.caption.meteor import (
 )
 from uniperceiver_cli.metrics.caption.meteor_align import (
     EXACT,
+    PARAPHRASE,
     STEM,
     Match,
     align,
     candidate_matches,
+    java_string_hash,
 )
 from uniperceiver_cli.metrics.caption.meteor_data import FUNCTION_WORDS, synonym_ids
 from uniperceiver_cli.metrics.caption.meteor_norm import NONBREAKING_PREFIXES
@@ -126,12 +128,41 @@ def test_exact_stem_alignment_matches_the_jar(hyp: str, ref: str, expected: floa
     assert stats.score() == pytest.approx(expected, abs=1e-12)
 
 
-@pytest.mark.xfail(strict=True, reason="known difference: the jar's beam search misses this")
-def test_known_beam_search_difference() -> None:
+def test_lone_stem_match_next_to_a_definite_one_is_not_taken() -> None:
     # The jar aligns only ``parked``/``parked`` (0.186); the exhaustive search also finds the
     # adjacent ``park``/``parked`` stem match.
     stats = segment_stats(["x", "park", "parked"], ["parked", "parked"], BUILTIN)
     assert stats.score() == pytest.approx(0.18604651162790697, abs=1e-12)
+
+
+def test_words_compare_by_java_string_hash() -> None:
+    assert java_string_hash("hello") == 99162322
+    assert java_string_hash("polygenelubricants") == -(2**31)
+    assert java_string_hash("Aa") == java_string_hash("BB")
+    # The jar's exact module compares hashes, so colliding words match.
+    assert align(candidate_matches(["x", "Aa"], ["x", "BB"], BUILTIN)) == [
+        Match(0, 1, 0, 1, EXACT),
+        Match(1, 1, 1, 1, EXACT),
+    ]
+
+
+def test_paraphrase_matches_from_both_directions_in_table_order() -> None:
+    table = {("jumps",): [("is",)], ("the", "train"): [("a", "train")]}
+    hyp = ["a", "train", "jumps", "a", "kitchen"]
+    ref = ["a", "dog", "is", "on", "the", "train"]
+    candidates = candidate_matches(hyp, ref, BUILTIN, table)
+    assert candidates.by_ref_start[2] == [Match(2, 1, 2, 1, PARAPHRASE)]
+    assert candidates.by_ref_start[4] == [Match(0, 2, 4, 2, PARAPHRASE)]
+    # A paraphrase counts every word it covers: `train`/`train` is no longer definite.
+    assert candidates.hyp_coverage == [2, 2, 1, 1, 0]
+    assert candidates.ref_coverage == [2, 0, 1, 0, 1, 2]
+    # As the jar aligns "a train carries a kitchen ..." with "... the train tracks": the lone
+    # paraphrase is definite, and on equal words and chunks the distance picks the two-word one.
+    assert align(candidates) == [
+        Match(0, 2, 4, 2, PARAPHRASE),
+        Match(2, 1, 2, 1, PARAPHRASE),
+        Match(3, 1, 0, 1, EXACT),
+    ]
 
 
 def test_ambiguous_stem_matches_need_an_unambiguous_neighbour() -> None:

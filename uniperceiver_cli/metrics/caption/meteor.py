@@ -1,9 +1,10 @@
 """METEOR 1.5 (English, ``-norm``) in Python, as pycocoevalcap 1.2 runs it: ``meteor(hyps, refs)``.
 
-Re-implemented from the published description (Denkowski & Lavie, "Meteor Universal", 2014) and
-from probing the jar: text is re-tokenised by `normalize_for_meteor`; matches come from the exact,
-stem, synonym and paraphrase modules (`meteor_align`); English "rank" parameters alpha 0.85,
-beta 0.2, gamma 0.6, delta 0.75 and module weights 1.0 / 0.6 / 0.8 / 0.6.
+Re-implemented (our own code) from METEOR 1.5's algorithm (Denkowski & Lavie; its LGPL release
+documents the alignment search) and checked against the jar: text is re-tokenised by
+`normalize_for_meteor`; matches come from the exact, stem, synonym and paraphrase modules and the
+jar's alignment search (`meteor_align`); English "rank" parameters alpha 0.85, beta 0.2, gamma 0.6,
+delta 0.75 and module weights 1.0 / 0.6 / 0.8 / 0.6. Equal to pycocoevalcap 1.2 to float rounding.
 
 Per segment (``SCORE``), with content/function counts of matched words per module:
 P and R are delta-weighted module-weighted match fractions of hypothesis and reference,
@@ -18,10 +19,15 @@ counting 0 chunks. Without pycocoevalcap only exact and stem matching run (recor
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from uniperceiver_cli.metrics.caption.meteor_align import align, candidate_matches, count_chunks
+from uniperceiver_cli.metrics.caption.meteor_align import (
+    ParaphraseTable,
+    align,
+    candidate_matches,
+    count_chunks,
+)
 from uniperceiver_cli.metrics.caption.meteor_data import (
     MeteorResources,
     load_meteor_resources,
@@ -122,7 +128,7 @@ def segment_stats(
     hyp: Sequence[str],
     ref: Sequence[str],
     resources: MeteorResources,
-    paraphrases: Mapping[str, frozenset[str]] | None = None,
+    paraphrases: ParaphraseTable | None = None,
 ) -> MeteorStats:
     """Align one normalised hypothesis with one normalised reference and count the statistics.
 
@@ -130,7 +136,7 @@ def segment_stats(
         hyp: N hypothesis tokens (from `normalize_for_meteor`).
         ref: M reference tokens.
         resources: language data.
-        paraphrases: restricted paraphrase table, or None for no paraphrase module.
+        paraphrases: the (restricted) paraphrase table, or None for no paraphrase module.
 
     Returns:
         The statistics of the chosen alignment.

@@ -1,37 +1,63 @@
-"""METEOR 1.5 word/phrase matching and alignment resolution, re-created from the jar's behaviour.
+"""METEOR 1.5 word/phrase matching and alignment search, re-created to give the jar's alignments.
 
-Candidate matches (spans in the hypothesis and the reference) come from four modules, each run
-over every word pair independently, so one pair can be proposed by several modules:
+Written from the algorithm as METEOR 1.5 (LGPL, Denkowski & Lavie) documents and implements it;
+every line here is our own. Terms: the *hypothesis* is the jar's line 1 (test), the *reference*
+its line 2.
 
-* exact: identical tokens;
-* stem: different tokens with the same Snowball stem;
-* synonym: different tokens sharing a WordNet synset (`synonym_ids`);
-* paraphrase: a hypothesis n-gram and a reference n-gram listed as paraphrases (either direction).
+Candidates (`candidate_matches`): each enabled module adds matches, in module order, to a list
+per reference start position, and counts how many candidates start on each word (coverage):
 
-Resolution, as far as probing meteor-1.5.jar showed it (see the parity tests for what still
-differs): a non-exact candidate is *ambiguous* when one of its words is proposed by another
-candidate (of any module, exact included); a non-exact candidate that a strictly longer candidate
-with the same start in both sentences contains is dropped. The alignment maximises the number of
-covered words (hypothesis + reference), then minimises the number of chunks, subject to every
-chunk that holds an ambiguous non-exact match also holding an unambiguous match (the jar never
-resolves ambiguous stem, synonym or paraphrase matches on their own: ``walk walk`` vs ``walking``
-aligns nothing, ``y walk walk`` vs ``y walking`` aligns ``walk``/``walking`` next to ``y``).
-Torch-free.
+* exact: equal words; stem: different words with equal Snowball stems; synonym: different words
+  sharing a WordNet synset (`synonym_ids`). One-word matches; both words' coverage goes up.
+* paraphrase: a table phrase found in the reference with its paraphrase found in the hypothesis,
+  then a table phrase found in the hypothesis with its paraphrase in the reference (shorter
+  phrases first, then table order). Every word of both spans counts towards coverage.
+* words are compared through Java's ``String.hashCode`` (as the jar does), and when both
+  sentences are identical only the exact module runs.
+
+Search (`align`): a candidate that is the only one starting at its reference position and whose
+words all have coverage 1 is *definite* and fixed up front. The rest is a left-to-right beam
+search (beam 40) over reference positions: at each position a path either takes one of the
+candidates starting there whose words are unused, or skips the position. Paths are ranked by
+(1) matched words, where each match adds ``int(length x weight)`` per side with search weights
+1.0 (exact) and 0.5 (other modules), so a one-word non-exact match adds nothing; (2) fewer chunks;
+(3) smaller distance. As in the jar, the distance of a candidate is added to the path it was
+*extended from* (the skip path and later siblings inherit it), not to the path that took it.
+Ties keep insertion order (stable sorts). Torch-free.
 """
 
 from __future__ import annotations
 
-from collections import Counter
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from functools import lru_cache
 from typing import NamedTuple
 
 from uniperceiver_cli.metrics.caption.meteor_data import MeteorResources, synonym_ids
 from uniperceiver_cli.metrics.caption.stemmer import stem
 
-__all__ = ["EXACT", "PARAPHRASE", "STEM", "SYNONYM", "Match", "align", "candidate_matches"]
+__all__ = [
+    "BEAM_SIZE",
+    "EXACT",
+    "PARAPHRASE",
+    "STEM",
+    "SYNONYM",
+    "Candidates",
+    "Match",
+    "ParaphraseTable",
+    "align",
+    "candidate_matches",
+    "count_chunks",
+    "java_string_hash",
+]
 
 EXACT, STEM, SYNONYM, PARAPHRASE = 0, 1, 2, 3
-_SEARCH_BUDGET = 200_000
+BEAM_SIZE = 40
+# What the alignment search weighs each module's matched words by (the scores use other weights).
+_SEARCH_WEIGHTS = (1.0, 0.5, 0.5, 0.5)
+
+#: Table phrase -> its paraphrases, in table order (one direction, as the table lists them).
+ParaphraseTable = Mapping[tuple[str, ...], Sequence[tuple[str, ...]]]
 
 
 class Match(NamedTuple):
@@ -50,64 +76,238 @@ class Match(NamedTuple):
     module: int
 
 
+@dataclass
+class Candidates:
+    """Every candidate match of one hypothesis/reference pair, as the search consumes them.
+
+    Attributes:
+        by_ref_start: M lists, the candidates starting at each reference position, in the
+            order the modules produced them.
+        hyp_coverage: N counts of candidates covering each hypothesis word.
+        ref_coverage: M counts of candidates covering each reference word.
+    """
+
+    by_ref_start: list[list[Match]]
+    hyp_coverage: list[int]
+    ref_coverage: list[int]
+
+    def add(self, match: Match) -> None:
+        """Record `match` and count the words it covers on each side."""
+        self.by_ref_start[match.ref_start].append(match)
+        for x in range(match.hyp_start, match.hyp_start + match.hyp_len):
+            self.hyp_coverage[x] += 1
+        for x in range(match.ref_start, match.ref_start + match.ref_len):
+            self.ref_coverage[x] += 1
+
+
+@lru_cache(maxsize=65536)
+def java_string_hash(text: str) -> int:
+    """Java's ``String.hashCode`` (over UTF-16 code units), as a signed 32-bit integer.
+
+    Args:
+        text: any string.
+
+    Returns:
+        The hash the jar compares words by.
+    """
+    value = 0
+    data = text.encode("utf-16-be")
+    for k in range(0, len(data), 2):
+        value = (31 * value + (data[k] << 8 | data[k + 1])) & 0xFFFFFFFF
+    return value - (1 << 32) if value >= 1 << 31 else value
+
+
 def candidate_matches(
     hyp: Sequence[str],
     ref: Sequence[str],
     resources: MeteorResources,
-    paraphrases: Mapping[str, frozenset[str]] | None = None,
-) -> list[Match]:
-    """Every match the enabled modules propose (one entry per module and span pair).
+    paraphrases: ParaphraseTable | None = None,
+) -> Candidates:
+    """Every match the enabled modules propose, in the jar's order (see the module docstring).
 
     Args:
         hyp: N normalised hypothesis tokens.
         ref: M normalised reference tokens.
         resources: language data (synonyms on when it has synsets).
-        paraphrases: phrase -> paraphrases (None: paraphrase module off).
+        paraphrases: the paraphrase table (None: paraphrase module off).
 
     Returns:
-        The candidates, exact ones first for each word pair.
+        The candidates per reference start position, with word coverage counts.
     """
-    out: list[Match] = []
-    hyp_stems = [stem(w) for w in hyp]
-    ref_stems = [stem(w) for w in ref]
-    use_synonyms = bool(resources.synsets)
-    hyp_syn = [synonym_ids(w, resources) for w in hyp] if use_synonyms else []
-    ref_syn = [synonym_ids(w, resources) for w in ref] if use_synonyms else []
-    for i, word in enumerate(hyp):
-        for j, other in enumerate(ref):
-            if word == other:
-                out.append(Match(i, 1, j, 1, EXACT))
-                continue
-            if hyp_stems[i] == ref_stems[j]:
-                out.append(Match(i, 1, j, 1, STEM))
-            if use_synonyms and not hyp_syn[i].isdisjoint(ref_syn[j]):
-                out.append(Match(i, 1, j, 1, SYNONYM))
+    out = Candidates([[] for _ in ref], [0] * len(hyp), [0] * len(ref))
+    hyp_keys = [java_string_hash(w) for w in hyp]
+    ref_keys = [java_string_hash(w) for w in ref]
+    for j, ref_key in enumerate(ref_keys):
+        for i, hyp_key in enumerate(hyp_keys):
+            if hyp_key == ref_key:
+                out.add(Match(i, 1, j, 1, EXACT))
+    if hyp_keys == ref_keys:
+        return out
+    hyp_stems = [java_string_hash(stem(w)) for w in hyp]
+    ref_stems = [java_string_hash(stem(w)) for w in ref]
+    for j, ref_stem in enumerate(ref_stems):
+        for i, hyp_stem in enumerate(hyp_stems):
+            if hyp_stem == ref_stem and hyp_keys[i] != ref_keys[j]:
+                out.add(Match(i, 1, j, 1, STEM))
+    if resources.synsets:
+        hyp_syn = [synonym_ids(w, resources) for w in hyp]
+        ref_syn = [synonym_ids(w, resources) for w in ref]
+        for j, ref_ids in enumerate(ref_syn):
+            for i, hyp_ids in enumerate(hyp_syn):
+                if hyp_keys[i] != ref_keys[j] and not hyp_ids.isdisjoint(ref_ids):
+                    out.add(Match(i, 1, j, 1, SYNONYM))
     if paraphrases:
-        out.extend(_paraphrase_matches(hyp, ref, paraphrases))
+        _add_paraphrases(out, hyp, ref, paraphrases)
     return out
 
 
-def _paraphrase_matches(
-    hyp: Sequence[str], ref: Sequence[str], paraphrases: Mapping[str, frozenset[str]]
-) -> list[Match]:
-    longest = max((phrase.count(" ") + 1 for phrase in paraphrases), default=0)
-    ref_spans: dict[str, list[tuple[int, int]]] = {}
+def _phrases_at(
+    words: Sequence[str], start: int, table: ParaphraseTable
+) -> list[tuple[int, tuple[str, ...]]]:
+    """(phrase length, paraphrase) for every table phrase starting at `start`, shortest first."""
+    found: list[tuple[int, tuple[str, ...]]] = []
+    for end in range(start + 1, len(words) + 1):
+        for paraphrase in table.get(tuple(words[start:end]), ()):
+            found.append((end - start, paraphrase))
+    return found
+
+
+def _occurrences(words: Sequence[str], phrase: tuple[str, ...]) -> list[int]:
+    n = len(phrase)
+    return [k for k in range(len(words) - n + 1) if tuple(words[k : k + n]) == phrase]
+
+
+def _add_paraphrases(
+    out: Candidates, hyp: Sequence[str], ref: Sequence[str], table: ParaphraseTable
+) -> None:
     for j in range(len(ref)):
-        for n in range(1, min(longest, len(ref) - j) + 1):
-            ref_spans.setdefault(" ".join(ref[j : j + n]), []).append((j, n))
-    out: list[Match] = []
+        for length, paraphrase in _phrases_at(ref, j, table):
+            for i in _occurrences(hyp, paraphrase):
+                out.add(Match(i, len(paraphrase), j, length, PARAPHRASE))
     for i in range(len(hyp)):
-        for n in range(1, min(longest, len(hyp) - i) + 1):
-            for other in paraphrases.get(" ".join(hyp[i : i + n]), ()):
-                for j, m in ref_spans.get(other, ()):
-                    out.append(Match(i, n, j, m, PARAPHRASE))
-    return out
+        for length, paraphrase in _phrases_at(hyp, i, table):
+            for j in _occurrences(ref, paraphrase):
+                out.add(Match(i, length, j, len(paraphrase), PARAPHRASE))
 
 
-def _adjacent(a: Match, b: Match) -> bool:
-    return (a.hyp_start + a.hyp_len == b.hyp_start and a.ref_start + a.ref_len == b.ref_start) or (
-        b.hyp_start + b.hyp_len == a.hyp_start and b.ref_start + b.ref_len == a.ref_start
-    )
+def _span_mask(start: int, length: int) -> int:
+    return ((1 << length) - 1) << start
+
+
+@dataclass(slots=True)
+class _Path:
+    """One partial alignment of the beam search (the jar's search state)."""
+
+    chosen: list[Match | None]  # by reference start position
+    used_hyp: int  # bit mask of used hypothesis words
+    used_ref: int  # bit mask of used reference words
+    matched: int = 0  # search-weighted matched words, truncated as the jar does
+    chunks: int = 0
+    idx: int = 0
+    last_end: int = -1  # hypothesis end of the open chunk, -1 when none is open
+    distance: int = 0
+
+    def copy(self) -> _Path:
+        return _Path(
+            list(self.chosen),
+            self.used_hyp,
+            self.used_ref,
+            self.matched,
+            self.chunks,
+            self.idx,
+            self.last_end,
+            self.distance,
+        )
+
+    def extend(self, match: Match) -> None:
+        """Account for `match` as the next match in reference order."""
+        weight = _SEARCH_WEIGHTS[match.module]
+        self.matched += int(match.hyp_len * weight) + int(match.ref_len * weight)
+        if self.last_end != -1 and match.hyp_start != self.last_end:
+            self.chunks += 1
+        self.idx = match.ref_start + match.ref_len
+        self.last_end = match.hyp_start + match.hyp_len
+
+
+def _rank(path: _Path) -> tuple[int, int, int]:
+    return (-path.matched, path.chunks, path.distance)
+
+
+def _definite_start(candidates: Candidates) -> _Path:
+    """The initial path: every lone candidate whose words no other candidate covers."""
+    path = _Path([None] * len(candidates.by_ref_start), 0, 0)
+    for j, options in enumerate(candidates.by_ref_start):
+        if len(options) != 1:
+            continue
+        m = options[0]
+        ref_span = range(j, j + m.ref_len)
+        hyp_span = range(m.hyp_start, m.hyp_start + m.hyp_len)
+        if all(candidates.ref_coverage[x] == 1 for x in ref_span) and all(
+            candidates.hyp_coverage[x] == 1 for x in hyp_span
+        ):
+            path.chosen[j] = m
+            path.used_ref |= _span_mask(j, m.ref_len)
+            path.used_hyp |= _span_mask(m.hyp_start, m.hyp_len)
+    return path
+
+
+def _search_step(path: _Path, current: int, options: Sequence[Match], out: list[_Path]) -> None:
+    """Extend `path` at reference position `current` (appends the resulting paths to `out`)."""
+    if path.used_ref >> current & 1:
+        if current < path.idx:
+            out.append(path)
+            return
+        fixed = path.chosen[path.idx]
+        if fixed is not None:
+            path.extend(fixed)
+            path.distance += abs(fixed.ref_start - fixed.hyp_start)
+            out.append(path)
+        return
+    for m in options:
+        if path.used_ref & _span_mask(m.ref_start, m.ref_len) or path.used_hyp & _span_mask(
+            m.hyp_start, m.hyp_len
+        ):
+            continue
+        taken = path.copy()
+        taken.used_ref |= _span_mask(m.ref_start, m.ref_len)
+        taken.used_hyp |= _span_mask(m.hyp_start, m.hyp_len)
+        taken.chosen[current] = m
+        taken.extend(m)
+        path.distance += abs(m.ref_start - m.hyp_start)
+        out.append(taken)
+    if path.last_end != -1:
+        path.chunks += 1
+        path.last_end = -1
+    path.idx += 1
+    out.append(path)
+
+
+def align(candidates: Candidates, beam_size: int = BEAM_SIZE) -> list[Match]:
+    """Choose the alignment the jar chooses (see the module docstring for the search).
+
+    Args:
+        candidates: the output of `candidate_matches`.
+        beam_size: paths kept per reference position (the jar's default is 40).
+
+    Returns:
+        The chosen matches, sorted by hypothesis position.
+    """
+    positions = len(candidates.by_ref_start)
+    paths = [_definite_start(candidates)]
+    for current in range(positions + 1):
+        ranked = sorted(paths, key=_rank)
+        paths = []
+        for path in ranked[:beam_size]:
+            if current == positions:
+                if path.last_end != -1:
+                    path.chunks += 1
+                paths.append(path)
+            else:
+                _search_step(path, current, candidates.by_ref_start[current], paths)
+        if not paths:
+            paths.append(ranked[0])
+    best = min(paths, key=_rank)
+    return sorted(m for m in best.chosen if m is not None)
 
 
 def count_chunks(matches: Sequence[Match]) -> int:
@@ -121,7 +321,7 @@ def count_chunks(matches: Sequence[Match]) -> int:
     """
     chunks = 0
     previous: Match | None = None
-    for match in sorted(matches):
+    for match in sorted(matches, key=lambda m: m.ref_start):
         if previous is None or not (
             match.hyp_start == previous.hyp_start + previous.hyp_len
             and match.ref_start == previous.ref_start + previous.ref_len
@@ -129,112 +329,3 @@ def count_chunks(matches: Sequence[Match]) -> int:
             chunks += 1
         previous = match
     return chunks
-
-
-def _prune_and_flag(candidates: Sequence[Match]) -> tuple[list[Match], set[Match]]:
-    """Drop dominated nested candidates; merge duplicates; flag ambiguous non-exact ones."""
-    kept = [
-        m
-        for m in candidates
-        if m.module == EXACT
-        or not any(
-            o.hyp_start == m.hyp_start
-            and o.ref_start == m.ref_start
-            and o.hyp_len + o.ref_len > m.hyp_len + m.ref_len
-            for o in candidates
-        )
-    ]
-    hyp_cover: Counter[int] = Counter()
-    ref_cover: Counter[int] = Counter()
-    for m in kept:
-        hyp_cover.update(range(m.hyp_start, m.hyp_start + m.hyp_len))
-        ref_cover.update(range(m.ref_start, m.ref_start + m.ref_len))
-    first: dict[tuple[int, int, int, int], Match] = {}
-    for m in kept:
-        key = (m.hyp_start, m.hyp_len, m.ref_start, m.ref_len)
-        if key not in first or m.module < first[key].module:
-            first[key] = m
-    ambiguous = {
-        m
-        for m in first.values()
-        if m.module != EXACT
-        and (
-            any(hyp_cover[x] > 1 for x in range(m.hyp_start, m.hyp_start + m.hyp_len))
-            or any(ref_cover[x] > 1 for x in range(m.ref_start, m.ref_start + m.ref_len))
-        )
-    }
-    return sorted(first.values()), ambiguous
-
-
-def align(candidates: Sequence[Match]) -> list[Match]:
-    """Resolve candidates into one alignment (see the module docstring for the rules).
-
-    Args:
-        candidates: K candidate matches from `candidate_matches`.
-
-    Returns:
-        The chosen matches, sorted by hypothesis position.
-    """
-    options, ambiguous = _prune_and_flag(candidates)
-    if not options:
-        return []
-    # Optimistic coverage still reachable from option k on: best span per hypothesis start.
-    reach = [0] * (len(options) + 1)
-    best_at: dict[int, int] = {}
-    for k in range(len(options) - 1, -1, -1):
-        m = options[k]
-        size = m.hyp_len + m.ref_len
-        gain = max(0, size - best_at.get(m.hyp_start, 0))
-        best_at[m.hyp_start] = max(best_at.get(m.hyp_start, 0), size)
-        reach[k] = reach[k + 1] + gain
-    best_key: tuple[int, int] | None = None
-    best: list[Match] = []
-    chosen: list[Match] = []
-    used_hyp: set[int] = set()
-    used_ref: set[int] = set()
-    budget = [_SEARCH_BUDGET]
-
-    def valid() -> bool:
-        # Every chunk holding an ambiguous match must also hold an unambiguous one.
-        anchored = True
-        needs_anchor = False
-        previous: Match | None = None
-        for m in sorted(chosen):
-            if previous is None or not _adjacent(previous, m):
-                if needs_anchor and not anchored:
-                    return False
-                anchored, needs_anchor = False, False
-            if m in ambiguous:
-                needs_anchor = True
-            else:
-                anchored = True
-            previous = m
-        return anchored or not needs_anchor
-
-    def visit(k: int, covered: int) -> None:
-        nonlocal best_key, best
-        budget[0] -= 1
-        if budget[0] < 0:
-            return
-        if best_key is not None and -(covered + reach[k]) > best_key[0]:
-            return
-        if k == len(options):
-            key = (-covered, count_chunks(chosen))
-            if (best_key is None or key < best_key) and valid():
-                best_key, best = key, list(chosen)
-            return
-        m = options[k]
-        hyp_span = range(m.hyp_start, m.hyp_start + m.hyp_len)
-        ref_span = range(m.ref_start, m.ref_start + m.ref_len)
-        if used_hyp.isdisjoint(hyp_span) and used_ref.isdisjoint(ref_span):
-            chosen.append(m)
-            used_hyp.update(hyp_span)
-            used_ref.update(ref_span)
-            visit(k + 1, covered + m.hyp_len + m.ref_len)
-            chosen.pop()
-            used_hyp.difference_update(hyp_span)
-            used_ref.difference_update(ref_span)
-        visit(k + 1, covered)
-
-    visit(0, 0)
-    return sorted(best)

@@ -10,8 +10,8 @@ its base forms. If the word is an irregular inflection listed in ``english.excep
 forms are the listed ones; otherwise the first WordNet suffix rule (``s``, ``ses``->``s`` ... ``est``
 ->``e``, in that order) whose result has synsets gives the one base form.
 
-The paraphrase table (5.3 M phrase pairs, 270 MB uncompressed) is used in both directions and is
-loaded restricted to the words of the corpus being scored (about 10 s per new vocabulary).
+The paraphrase table (5.3 M phrase pairs, 270 MB uncompressed) is loaded restricted to the words of
+the corpus being scored (about 10 s per new vocabulary).
 """
 
 from __future__ import annotations
@@ -170,27 +170,30 @@ def synonym_ids(word: str, resources: MeteorResources) -> frozenset[str]:
 
 
 @lru_cache(maxsize=4)
-def load_paraphrases(path: Path, vocabulary: frozenset[str]) -> dict[str, frozenset[str]]:
-    """The paraphrase table restricted to phrases made only of `vocabulary` words, both directions.
+def load_paraphrases(
+    path: Path, vocabulary: frozenset[str]
+) -> dict[tuple[str, ...], tuple[tuple[str, ...], ...]]:
+    """The paraphrase table restricted to phrase pairs made only of `vocabulary` words.
+
+    Entries keep the table's direction and order (the matcher looks both ways itself, and the
+    order decides ties in the alignment search); a pair listed twice stays listed twice.
 
     Args:
         path: METEOR's ``paraphrase-en.gz`` (lines: probability, phrase, paraphrase).
         vocabulary: every token that can occur in the segments to score.
 
     Returns:
-        phrase -> the phrases it may be matched with.
+        phrase words -> the paraphrases listed for it, in table order.
     """
     known = {word.encode("utf-8") for word in vocabulary}
-    table: dict[str, set[str]] = {}
+    table: dict[tuple[str, ...], list[tuple[str, ...]]] = {}
     with gzip.open(path, "rb") as stream:
         lines = iter(stream)
         for _, first, second in zip(lines, lines, lines, strict=False):
             first_words = first.split()
             second_words = second.split()
             if all(w in known for w in first_words) and all(w in known for w in second_words):
-                a = b" ".join(first_words).decode("utf-8")
-                b = b" ".join(second_words).decode("utf-8")
-                table.setdefault(a, set()).add(b)
-                table.setdefault(b, set()).add(a)
+                phrase = tuple(w.decode("utf-8") for w in first_words)
+                table.setdefault(phrase, []).append(tuple(w.decode("utf-8") for w in second_words))
     logger.info("loaded %d paraphrase phrases for a %d-word vocabulary", len(table), len(known))
-    return {phrase: frozenset(others) for phrase, others in table.items()}
+    return {phrase: tuple(others) for phrase, others in table.items()}
