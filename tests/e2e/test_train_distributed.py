@@ -72,7 +72,9 @@ def _recipe(path: Path, batch_size: int, **extra: Any) -> Path:
     return path
 
 
-def _torchrun(recipe: Path, out: Path, *flags: str) -> subprocess.CompletedProcess[str]:
+def _torchrun(
+    recipe: Path, out: Path, *flags: str, nproc: int = 2
+) -> subprocess.CompletedProcess[str]:
     torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent)) or "torchrun"
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
     with socket.socket() as sock:  # a free port, so parallel test runs do not collide on 29500
@@ -81,7 +83,7 @@ def _torchrun(recipe: Path, out: Path, *flags: str) -> subprocess.CompletedProce
     cmd = [
         torchrun,
         "--nproc-per-node",
-        "2",
+        str(nproc),
         "--master-port",
         str(port),
         "-m",
@@ -189,8 +191,8 @@ def test_ddp_token_losses_average_over_the_global_batch(tmp_path: Path) -> None:
 
 
 def _ep_recipe(path: Path, batch_size: int, **schedule: Any) -> Path:
-    """Token-routed MoE with experts split over 2 ranks; no capacity drops, no batch-level aux losses
-    (the balance loss is a per-rank statistic), no router noise, so 2 ranks = 1 process exactly."""
+    """Token-routed MoE with experts split over groups of 2 ranks; no capacity drops, no batch-level aux
+    losses (the balance loss is a per-rank statistic), no router noise, so W ranks = 1 process exactly."""
     recipe: dict[str, Any] = {
         "command": "pretrain",
         "run": {"name": "ep", "seed": 7},
@@ -266,3 +268,24 @@ def test_expert_parallel_training_checkpoints_full_experts_and_resumes(tmp_path:
     c = read_weights(latest(resumed))
     for k in b:
         torch.testing.assert_close(c[k], b[k], rtol=0, atol=0, msg=lambda m, k=k: f"{k}: {m}")
+
+
+@pytest.mark.slow
+def test_two_expert_parallel_groups_equal_one_process(tmp_path: Path) -> None:
+    """4 ranks = 2 expert-parallel groups of 2 (experts replicated across the groups, their gradients
+    reduced over the expert data-parallel group) against one process with the global batch."""
+    single = tmp_path / "single"
+    result = run_cli("pretrain", str(_ep_recipe(tmp_path / "one.yaml", 8)), "-o", str(single))
+    assert result.exit_code == 0, result.output
+    ep = tmp_path / "ep"
+    proc = _torchrun(_ep_recipe(tmp_path / "four.yaml", 2), ep, nproc=4)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "sharded over groups of 2 ranks" in proc.stderr
+    a, b = read_weights(latest(single)), read_weights(latest(ep))
+    assert a.keys() == b.keys()
+    experts = [k for k in b if k.endswith("experts.weight")]
+    assert experts and all(b[k].shape[0] == 4 for k in experts)
+    first = read_weights(latest(single).parent / "step-000001")
+    assert any(not torch.equal(a[k], first[k]) for k in experts)
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=1e-5, msg=lambda m, k=k: f"{k}: {m}")
