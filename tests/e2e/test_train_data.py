@@ -285,3 +285,38 @@ def test_vqa_trains_on_the_toy_world(tmp_path: Path) -> None:
     num_answers = len(ToyWorld(0).vqa_answers)
     assert ce[0] == pytest.approx(math.log(num_answers), rel=0.25)
     assert sum(ce[-10:]) / 10 < 0.85 * sum(ce[:10]) / 10
+
+
+def test_bad_data_counts_continue_across_a_resume(
+    tmp_path: Path, corrupt_folder: tuple[Path, str]
+) -> None:
+    """6 steps, stop, resume to 12: the final bad-data summary equals the straight 12-step run's."""
+    root, victim = corrupt_folder
+    recipe = bad_image_recipe(tmp_path / "r.yaml", root, 0.05)
+    straight = tmp_path / "straight"
+    assert run_cli("pretrain", str(recipe), "-o", str(straight)).exit_code == 0
+    resumed = tmp_path / "resumed"
+    first = run_cli(
+        "pretrain",
+        str(recipe),
+        "-o",
+        str(resumed),
+        "--set",
+        "schedule.max_steps=6",
+        "--set",
+        "schedule.checkpoint_every=6",
+    )
+    assert first.exit_code == 0, first.output
+    state = json.loads((latest(resumed) / "trainer.json").read_text())
+    assert state["bad_data"]["cls"]["served"] == 6 * 8
+    second = run_cli("pretrain", str(recipe), "-o", str(resumed))
+    assert second.exit_code == 0, second.output
+
+    def summary(run: Path) -> dict[str, Any]:
+        return [r for r in rows(run) if r.get("event") == "bad_data"][-1]
+
+    a, b = summary(straight), summary(resumed)
+    assert b["bad_data/cls/served"] == a["bad_data/cls/served"] == 12 * 8
+    assert b["bad_data/cls/skip_events"] == a["bad_data/cls/skip_events"] >= 1
+    assert b["bad_data/cls/distinct_bad"] == a["bad_data/cls/distinct_bad"] == 1
+    assert [Path(f).name for f in b["bad_data/cls/files"]] == [victim]

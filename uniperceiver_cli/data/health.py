@@ -20,7 +20,7 @@ records among those read, once at least `min_seen` records have been read.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -231,6 +231,22 @@ class BadDataMonitor:
                 self.name, self.events, seen, self.max_bad_fraction, self.items.values()
             )
 
+    def state_dict(self) -> dict[str, Any]:
+        """The counts and broken items, JSON-serialisable (saved in checkpoints for resume)."""
+        return {
+            "served": self.served,
+            "events": self.events,
+            "items": [[s.source, s.key, s.name, s.reason] for s in self.items.values()],
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Add the counts and broken items of `state_dict()` output to this monitor's own."""
+        self.served += int(state.get("served", 0))
+        self.events += int(state.get("events", 0))
+        for source, key, name, reason in state.get("items", ()):
+            item = SkippedItem(str(source), key, str(name), str(reason))
+            self.items.setdefault(item.identity, item)
+
     def summary(self) -> dict[str, Any]:
         """Counts and names (JSON-serialisable): served, skip events, distinct broken, files."""
         return {
@@ -269,3 +285,18 @@ class BadDataMonitor:
             yield batch
         self.check(final=True)
         self.log_summary()
+
+
+def merge_monitor_states(states: Iterable[Mapping[str, Any]]) -> dict[str, Any]:
+    """One `BadDataMonitor.state_dict()` from several (e.g. one per rank): counts summed, items united.
+
+    Args:
+        states: `state_dict()` outputs.
+
+    Returns:
+        The merged state.
+    """
+    merged = BadDataMonitor("merged")
+    for state in states:
+        merged.load_state_dict(state)
+    return merged.state_dict()

@@ -65,6 +65,8 @@ class TrainingState:
         bad_steps: consecutive non-finite steps at save time.
         world_size: processes of the run that wrote it.
         extra: free-form metadata (run name, command, best metrics).
+        bad_data: per task, the bad-data monitor state summed over ranks
+            (`BadDataMonitor.state_dict`), so counts and limits continue across a resume.
     """
 
     step: int
@@ -73,6 +75,7 @@ class TrainingState:
     bad_steps: int = 0
     world_size: int = 1
     extra: dict[str, Any] | None = None
+    bad_data: dict[str, dict[str, Any]] | None = None
 
     def to_json(self) -> dict[str, Any]:
         """JSON-ready dict with the format version."""
@@ -84,6 +87,7 @@ class TrainingState:
             "bad_steps": self.bad_steps,
             "world_size": self.world_size,
             "extra": self.extra or {},
+            "bad_data": self.bad_data or {},
         }
 
     @classmethod
@@ -106,6 +110,7 @@ class TrainingState:
                 bad_steps=int(data.get("bad_steps", 0)),
                 world_size=int(data.get("world_size", 1)),
                 extra=dict(data.get("extra") or {}),
+                bad_data={k: dict(v) for k, v in (data.get("bad_data") or {}).items()},
             )
         except (KeyError, TypeError, ValueError) as e:
             raise TrainingCheckpointError(f"{where}: incomplete trainer state ({e})") from e

@@ -37,6 +37,7 @@ from uniperceiver_cli.data.build import (
     data_fraction_subset,
 )
 from uniperceiver_cli.data.errors import DataError
+from uniperceiver_cli.data.health import merge_monitor_states
 from uniperceiver_cli.data.sampler import TaskSampler, mix_seed
 from uniperceiver_cli.engine.build import build_run_model
 from uniperceiver_cli.engine.checkpoint import (
@@ -405,6 +406,11 @@ def _train(
         monitors={t.name: bad_data_monitor(train_data[t.name].dataset, t.name) for t in task_specs},
     )
     stream.consumed = dict(positions)
+    if ckpt_path is not None and runtime.is_main:
+        # The counts so far (all ranks) continue on rank 0; the final summary sums the ranks.
+        for name, state in (ck.state.bad_data or {}).items():
+            if name in stream.monitors:
+                stream.monitors[name].load_state_dict(state)
     if runtime.is_main:
         write_run_files(run_dir, loaded, runtime, seed)
     runtime.barrier()
@@ -746,6 +752,22 @@ def _full_state(
     )
 
 
+def _gathered_bad_data(stream: MultiTaskStream, runtime: Runtime) -> dict[str, dict[str, Any]]:
+    """Every task's bad-data monitor state summed over ranks (a collective under torchrun)."""
+    local = {name: m.state_dict() for name, m in stream.monitors.items()}
+    everyone = [local]
+    if runtime.distributed:
+        import torch.distributed as dist
+
+        gathered: list[Any] = [None] * runtime.world_size
+        dist.all_gather_object(gathered, local)
+        everyone = gathered
+    return {
+        name: merge_monitor_states(per_rank[name] for per_rank in everyone if name in per_rank)
+        for name in local
+    }
+
+
 def _save(
     run_dir: Path,
     wrapped: nn.Module,
@@ -765,6 +787,7 @@ def _save(
     ep: ExpertParallel | None,
 ) -> Path:
     msd, osd = _full_state(wrapped, module, optimizer, ep)
+    bad_data = _gathered_bad_data(stream, runtime)
     rng = capture_rng_state()
     payload: CheckpointPayload | None = None
     if runtime.is_main:
@@ -782,6 +805,7 @@ def _save(
             bad_steps=bad_steps,
             world_size=runtime.world_size,
             extra={"command": command, "run": loaded.recipe.run.name},
+            bad_data=bad_data,
         )
         delta = None
         if prompt is not None:
