@@ -22,7 +22,7 @@ import torch
 from uniperceiver_cli.data.formats.image_folder import ImageFolderDataset
 from uniperceiver_cli.data.options import ImageFolderOptions
 from uniperceiver_cli.data.sampler import SampleKey
-from uniperceiver_cli.data.toy import write_toy_world
+from uniperceiver_cli.data.toy_files import write_toy_world
 from uniperceiver_cli.data.transforms import caption_transform, classification_transform
 from uniperceiver_cli.data.video import (
     ClipSpec,

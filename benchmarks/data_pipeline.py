@@ -32,7 +32,7 @@ from uniperceiver_cli.data.build import build_loader
 from uniperceiver_cli.data.formats.image_folder import ImageFolderDataset
 from uniperceiver_cli.data.formats.video_classification import VideoClassificationDataset
 from uniperceiver_cli.data.options import ImageFolderOptions, VideoClassificationOptions
-from uniperceiver_cli.data.toy import write_toy_world
+from uniperceiver_cli.data.toy_files import write_toy_world
 from uniperceiver_cli.data.transforms import classification_transform, video_transform
 from uniperceiver_cli.data.video import (
     ClipSpec,

@@ -31,7 +31,7 @@ def data_toy(
     """Write the built-in toy world (images, captions, videos, text) in the real dataset formats."""
     if out.exists() and any(out.iterdir()):
         usage(f"{out} exists and is not empty; choose a new folder")
-    from uniperceiver_cli.data.toy import write_toy_world
+    from uniperceiver_cli.data.toy_files import write_toy_world
 
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     if tmp.exists():

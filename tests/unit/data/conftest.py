@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from uniperceiver_cli.data.toy import ToyWorldSummary, write_toy_world
+from uniperceiver_cli.data.toy_files import ToyWorldSummary, write_toy_world
 
 
 @pytest.fixture(scope="session")

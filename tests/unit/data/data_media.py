@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 
-from uniperceiver_cli.data.toy import encode_mp4
+from uniperceiver_cli.data.toy_files import encode_mp4
 
 
 def write_png(path: Path, colour: tuple[int, int, int], size: tuple[int, int] = (12, 16)) -> Path:

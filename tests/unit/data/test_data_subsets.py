@@ -16,7 +16,7 @@ from uniperceiver_cli.data.build import build_dataset, build_loader, data_fracti
 from uniperceiver_cli.data.formats.coco_captions import CocoCaptionsDataset
 from uniperceiver_cli.data.options import CocoCaptionsOptions, ToyOptions
 from uniperceiver_cli.data.tokenizer import ClipTokenizer
-from uniperceiver_cli.data.toy import ToyWorldSummary
+from uniperceiver_cli.data.toy_files import ToyWorldSummary
 
 
 def test_classification_subset_is_stratified_and_seeded() -> None:

@@ -23,14 +23,8 @@ from uniperceiver_cli.data.options import (
 )
 from uniperceiver_cli.data.samples import ClassificationBatch, MLMBatch, TextClassificationBatch
 from uniperceiver_cli.data.tokenizer import ClipTokenizer
-from uniperceiver_cli.data.toy import (
-    COLOURS,
-    SHAPES,
-    SIZES,
-    ToyWorld,
-    ToyWorldSummary,
-    write_toy_world,
-)
+from uniperceiver_cli.data.toy import COLOURS, SHAPES, SIZES, ToyWorld
+from uniperceiver_cli.data.toy_files import ToyWorldSummary, write_toy_world
 from uniperceiver_cli.data.video import ClipSpec
 
 

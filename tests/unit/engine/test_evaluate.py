@@ -339,7 +339,7 @@ def test_cuda_matches_cpu(model: UniPerceiver) -> None:
 def test_multiview_video_files_average_softmax_over_views(
     model: UniPerceiver, tmp_path: Path
 ) -> None:
-    from uniperceiver_cli.data.toy import encode_mp4
+    from uniperceiver_cli.data.toy_files import encode_mp4
     from uniperceiver_cli.metrics.classification import multiview_probabilities
 
     gen = torch.Generator().manual_seed(0)

@@ -8,7 +8,8 @@ import pytest
 import torch
 from torchvision.io import write_png
 
-from uniperceiver_cli.data.toy import ToyWorld, encode_mp4
+from uniperceiver_cli.data.toy import ToyWorld
+from uniperceiver_cli.data.toy_files import encode_mp4
 from uniperceiver_cli.engine.inference import (
     InferenceError,
     caption_files,
