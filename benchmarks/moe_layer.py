@@ -3,7 +3,10 @@
 Parts (all by default, or pick with --parts):
 
 * `attribute`: an attribute-routed linear (D -> F) at eval (cached plan, merged weights) against
-  an `nn.Linear` of the same shape, on one segment (image) and on two segments (caption).
+  an `nn.Linear` of the same shape, on one segment (image) and on two segments (caption), in the
+  default batch-invariant eval mode and with it off (`invariant_chunk = None`, plain matmuls).
+* `eval`: a token- and a context-routed FFN at eval without gradients (dropless), batch-invariant
+  mode against plain matmuls and a dense FFN, float32 and bf16 autocast.
 * `token`: forward+backward of a token-routed FFN, `ffn_in` (gate owner, top-K, capacity) ->
   GELU -> `ffn_out` (reuses the decision), in training mode, against a dense FFN of the same D and
   F (FLOP floor K) and against DeepSpeed's `deepspeed.moe.layer.MoE` with the same D, F, E, K and
@@ -37,9 +40,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from uniperceiver_cli.model.config import ModelConfig, MoEConfig
+from uniperceiver_cli.model.config import ModelConfig, MoEConfig, RoutingStrategy
 from uniperceiver_cli.model.moe import SegmentRoutedLinear, TokenRoutedLinear, build_routed_linears
 from uniperceiver_cli.model.moe.dispatch import DispatchPlan
+from uniperceiver_cli.model.moe.experts import INVARIANT_CHUNK
 from uniperceiver_cli.model.routing import RoutingContext, Segment, input_segments
 
 Step = Callable[[], None]
@@ -104,6 +108,12 @@ def bench_attribute(args: argparse.Namespace) -> None:
         x = torch.randn(batch, routing.length, args.dim)
 
         def run_routed(x: torch.Tensor = x, routing: RoutingContext = routing) -> None:
+            routed.invariant_chunk = INVARIANT_CHUNK
+            with torch.no_grad():
+                routed(x, routing)
+
+        def run_plain(x: torch.Tensor = x, routing: RoutingContext = routing) -> None:
+            routed.invariant_chunk = None
             with torch.no_grad():
                 routed(x, routing)
 
@@ -115,7 +125,11 @@ def bench_attribute(args: argparse.Namespace) -> None:
             y, _ = routed(x, routing)
         assert y.shape == (batch, routing.length, args.ffn)
         medians = interleaved(
-            {"dense nn.Linear": run_dense, "attribute-routed (eval)": run_routed},
+            {
+                "dense nn.Linear": run_dense,
+                "attribute-routed (eval, batch-invariant opt-in)": run_routed,
+                "attribute-routed (eval, default)": run_plain,
+            },
             args.reps * 4,
             args.warmup + 2,
         )
@@ -326,6 +340,70 @@ def bench_token(args: argparse.Namespace) -> None:
         )
 
 
+def eval_steps(
+    args: argparse.Namespace, routing_name: RoutingStrategy, dtype: torch.dtype
+) -> dict[str, Step]:
+    """No-grad steps of a dense FFN and of a routed FFN with and without the invariant mode."""
+    torch.manual_seed(0)
+    moe = MoEConfig(
+        routing=routing_name,
+        num_experts=args.experts,
+        top_k=args.top_k,
+        layers=(0,),
+        sublayers=("ffn_in", "ffn_out"),
+    )
+    config = ModelConfig(
+        hidden_size=args.dim, num_heads=1, ffn_size=args.ffn, num_layers=1, moe=moe
+    )
+    modules = build_routed_linears(config, 0)
+    ffn_in, ffn_out = modules["ffn_in"], modules["ffn_out"]
+    assert isinstance(ffn_in, TokenRoutedLinear) and isinstance(ffn_out, TokenRoutedLinear)
+    ffn_in.eval()
+    ffn_out.eval()
+    dense = nn.Sequential(nn.Linear(args.dim, args.ffn), nn.GELU(), nn.Linear(args.ffn, args.dim))
+    # 32 samples of N / 32 tokens: context routing needs several samples
+    length = max(args.tokens // 32, 1)
+    routing = RoutingContext("bench", (Segment(length, "image", (0,) * 8),))
+    x = torch.randn(args.tokens // length, length, args.dim)
+
+    def routed(chunk: int | None) -> Step:
+        def run() -> None:
+            ffn_in.invariant_chunk = ffn_out.invariant_chunk = chunk
+            with torch.no_grad(), autocast(dtype):
+                h, _ = ffn_in(x, routing)
+                ffn_out(F.gelu(h), routing)
+
+        return run
+
+    def run_dense() -> None:
+        with torch.no_grad(), autocast(dtype):
+            dense(x)
+
+    return {
+        "dense FFN": run_dense,
+        "routed, plain matmuls": routed(None),
+        "routed, batch-invariant (default)": routed(INVARIANT_CHUNK),
+    }
+
+
+def bench_eval(args: argparse.Namespace) -> None:
+    """Token/context-routed FFN at eval: batch-invariant mode vs plain matmuls vs dense."""
+    routings: tuple[RoutingStrategy, ...] = ("token", "context")
+    for routing_name in routings:
+        for dtype in args.dtypes:
+            steps = eval_steps(args, routing_name, dtype)
+            medians = interleaved(steps, args.reps * 2, args.warmup)
+            ratio = medians["routed, batch-invariant (default)"] / medians["routed, plain matmuls"]
+            table(
+                f"{routing_name}-routed FFN at eval (no grad, dropless), {dtype_name(dtype)}, "
+                f"N {args.tokens}, D {args.dim}, F {args.ffn}, E {args.experts}, "
+                f"top-{args.top_k}",
+                medians,
+                "dense FFN",
+                f"batch-invariant / plain = {ratio:.3f}x",
+            )
+
+
 def bench_sweep(args: argparse.Namespace, over: str) -> None:
     """MoE / dense ratio over the number of experts or of tokens (float32)."""
     values = args.expert_sweep if over == "experts" else args.token_sweep
@@ -362,7 +440,7 @@ def quiet() -> Iterator[None]:
 def main() -> None:
     """Parse arguments and run the chosen parts."""
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
-    parser.add_argument("--parts", default="attribute,token,experts,tokens")
+    parser.add_argument("--parts", default="attribute,token,eval,experts,tokens")
     parser.add_argument("--tokens", type=int, default=4096)
     parser.add_argument("--dim", type=int, default=768)
     parser.add_argument("--ffn", type=int, default=3072)
@@ -396,6 +474,8 @@ def main() -> None:
             bench_attribute(args)
         if "token" in parts:
             bench_token(args)
+        if "eval" in parts:
+            bench_eval(args)
         if "experts" in parts:
             bench_sweep(args, "experts")
         if "tokens" in parts:

@@ -98,7 +98,8 @@ class JsonlPairsData(_DataBase):
         "answers", description="VQA: key of the answers list (one per annotator, repeats allowed)."
     )
     scores_key: str = Field(
-        "scores", description="VQA: key of the per-answer soft scores in [0, 1]; absent: min(1, count/3)."
+        "scores",
+        description="VQA: key of the per-answer soft scores in [0, 1]; absent: min(1, count/3).",
     )
     answers_file: str | None = Field(
         None,

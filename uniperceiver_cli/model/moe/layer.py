@@ -6,7 +6,8 @@
   device moves.
 * `TokenRoutedLinear` (token, context routing): top-k, capacity, batch-prioritised routing and a
   grouped per-expert matmul (`dispatch.py`, `experts.py`); experts may be sharded over ranks
-  (`parallel.py`).
+  (`parallel.py`). In eval without gradients every matmul runs on fixed row chunks, so a token's
+  output is bitwise independent of the rest of the batch (`invariant_chunk`, docs/moe.md).
 
 Both are called as `y, aux = module(x, routing)`. Shared decisions (SPEC §2.6): the second linear of
 a pair (`attn_out` after `qkv`, `ffn_out` after `ffn_in`) holds no gate; it keeps an unregistered
@@ -35,7 +36,9 @@ from uniperceiver_cli.model.moe.dispatch import (
     select_top_k,
 )
 from uniperceiver_cli.model.moe.experts import (
+    INVARIANT_CHUNK,
     ExpertWeights,
+    chunked_linear,
     dispatch_linear,
     grouped_linear,
     merge_experts,
@@ -100,6 +103,12 @@ class _RoutedLinear(nn.Module):
 
     `router` (the gate a gate owner registers) is only checked here: exactly one of `router` and
     `leader` must be given, else `ValueError`.
+
+    Attributes:
+        invariant_chunk: in eval without gradients every matmul of this linear (gate, experts,
+            merged weights) runs on fixed chunks of this many rows (`experts.chunked_linear`),
+            so a token's output is bitwise the same whatever else is in the batch; None turns
+            the mode off (plain matmuls, outputs then vary in the last bits with the batch).
     """
 
     def __init__(
@@ -126,6 +135,7 @@ class _RoutedLinear(nn.Module):
         self.experts = ExpertWeights(moe.num_experts, in_features, out_features, bias, fused_qkv)
         # a tuple keeps the leader out of the module tree: its gate is registered once, there
         self._leader: tuple[_RoutedLinear, ...] = (leader,) if leader is not None else ()
+        self.invariant_chunk: int | None = INVARIANT_CHUNK
 
     @property
     def leader(self) -> _RoutedLinear | None:
@@ -136,6 +146,16 @@ class _RoutedLinear(nn.Module):
     def strategy(self) -> RoutingStrategy:
         """Routing strategy."""
         return self.moe.routing
+
+    def row_chunk(self) -> int | None:
+        """Rows per matmul of the batch-invariant eval mode now, or None (fast path).
+
+        The mode is on in eval without gradients (`not training` and `torch.no_grad()` or
+        inference mode) unless `invariant_chunk` is None.
+        """
+        if self.invariant_chunk is None or self.training or torch.is_grad_enabled():
+            return None
+        return self.invariant_chunk
 
     def _check_input(self, x: torch.Tensor, routing: RoutingContext) -> None:
         if x.ndim != 3 or x.shape[-1] != self.in_features:
@@ -177,6 +197,9 @@ class SegmentRoutedLinear(_RoutedLinear):
     Attributes:
         cache_merged: keep merged weights per key in eval (one dense weight per key, like a fold);
             set False to save memory and merge on every call (decisions stay cached).
+        invariant_chunk: None by default here (the merged-weight matmul is as batch-invariant as
+            a dense `nn.Linear`); set `experts.INVARIANT_CHUNK` for bitwise batch-invariant eval.
+            Eval decisions are always computed one key at a time (batch-invariant either way).
     """
 
     def __init__(
@@ -205,6 +228,9 @@ class SegmentRoutedLinear(_RoutedLinear):
         )
         self.gate = router
         self.cache_merged = True
+        # merged-weight matmuls behave like a dense nn.Linear; the chunked mode is opt-in here
+        # (float32 eval +6-13% with it, over the 1.05x budget of a dense linear; docs/moe.md)
+        self.invariant_chunk = None
         self._memo: dict[Hashable, SegmentDecision] = {}
         self._decision_cache: dict[Hashable, SegmentDecision] = {}
         self._decision_sig: tuple[tuple[int, int, int], ...] = ()
@@ -258,10 +284,13 @@ class SegmentRoutedLinear(_RoutedLinear):
                 torch.full((n,), 1.0 / n, device=device),
                 None,
             )
-        if routed:
-            gate_out = gate(routed, noisy=noisy)
+        # eval decisions are computed one key at a time, so a key's decision never depends on
+        # which other keys missed the cache together (the gate's matmuls vary with row counts)
+        groups = [[k] for k in routed] if self._static() else [routed] if routed else []
+        for group in groups:
+            gate_out = gate(group, noisy=noisy)
             top = select_top_k(gate_out.noisy_logits, self.moe.top_k)
-            for row, key in enumerate(routed):
+            for row, key in enumerate(group):
                 out[key] = SegmentDecision(top.expert_ids[row], top.weights[row], top.probs[row])
         return out
 
@@ -352,13 +381,18 @@ class SegmentRoutedLinear(_RoutedLinear):
                 runs[-1] = (key, runs[-1][1], end)
             else:
                 runs.append((key, start, end))
+        chunk = self.row_chunk()
         if not runs:
             y = x.new_zeros((*x.shape[:-1], self.out_features))
         elif len(runs) == 1:
             w, b = merged[runs[0][0]]
-            y = nn.functional.linear(x, w, b)
+            if chunk is None:
+                y = nn.functional.linear(x, w, b)
+            else:
+                rows = x.reshape(-1, self.in_features)
+                y = _invariant_linear(rows, w, b, chunk).view(*x.shape[:-1], self.out_features)
         else:
-            y = self._segment_matmuls(x, runs, merged)
+            y = self._segment_matmuls(x, runs, merged, chunk)
         if self.leader is not None:
             return y, None
         return y, self._aux(x.shape[0], routing, keys, bounds, decisions)
@@ -368,13 +402,24 @@ class SegmentRoutedLinear(_RoutedLinear):
         x: torch.Tensor,
         runs: Sequence[tuple[Hashable, int, int]],
         merged: dict[Hashable, tuple[torch.Tensor, torch.Tensor | None]],
+        chunk: int | None,
     ) -> torch.Tensor:
         """One matmul per run of positions with the same key: (B, L, Din) -> (B, L, Dout).
 
         Each run's rows are copied into one contiguous (B * n, Din) block, go
         through a single 2-D matmul and land in their slice of a preallocated output; under
         autocast (output dtype decided by the matmul) per-run linears are concatenated instead.
+        With `chunk`, each run's block goes through `chunked_linear` (batch-invariant eval).
         """
+        if chunk is not None:
+            batch = x.shape[0]
+            parts = []
+            for key, start, end in runs:
+                w, b = merged[key]
+                rows = x[:, start:end].reshape(batch * (end - start), self.in_features)
+                out = _invariant_linear(rows, w, b, chunk)
+                parts.append(out.view(batch, end - start, self.out_features))
+            return torch.cat(parts, dim=1)
         if torch.is_autocast_enabled(x.device.type):
             parts = []
             for key, start, end in runs:
@@ -537,14 +582,15 @@ class TokenRoutedLinear(_RoutedLinear):
         assert gate is not None, "only the gate owner routes"
         batch, length, _ = x.shape
         valid_index = None
+        chunk = self.row_chunk()
         if isinstance(gate, ContextRouter):
-            gate_out = gate(x, padding)
+            gate_out = gate(x, padding, row_chunk=chunk)
         else:
             flat = x.reshape(batch * length, -1)
             if padding is not None:
                 valid_index = torch.nonzero(~padding.reshape(-1)).squeeze(1)
                 flat = flat.index_select(0, valid_index)
-            gate_out = gate(flat)
+            gate_out = gate(flat, row_chunk=chunk)
         moe = self.moe
         top = select_top_k(gate_out.noisy_logits, moe.top_k)
         factor = moe.capacity_factor if self.training else moe.eval_capacity_factor
@@ -607,6 +653,7 @@ class TokenRoutedLinear(_RoutedLinear):
             row_weights,
             rows,
             batch * length,
+            row_chunk=self.row_chunk(),
         )
         return y.view(batch, length, self.out_features)
 
@@ -654,7 +701,9 @@ class TokenRoutedLinear(_RoutedLinear):
                     "RoutingContext to both linears of a pair"
                 )
             route = memo
-        if self.fused_dispatch and self.expert_group is None and not self.use_grouped_mm:
+        fused = self.fused_dispatch and not self.use_grouped_mm
+        # the batch-invariant eval mode always takes the fused node (it chunks every matmul)
+        if self.expert_group is None and (fused or self.row_chunk() is not None):
             y = self._dispatch(x, route)
             return (y, None) if lead is not None else (y, self._aux(routing, route, stats, padding))
         tokens = length if self.context else 1
@@ -732,6 +781,19 @@ class TokenRoutedLinear(_RoutedLinear):
 
 
 RoutedLinear = SegmentRoutedLinear | TokenRoutedLinear
+
+
+def _invariant_linear(
+    rows: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, chunk: int
+) -> torch.Tensor:
+    """`chunked_linear` with the operand casts `F.linear` would get under autocast: (R, Dout)."""
+    device_type = rows.device.type
+    if torch.is_autocast_enabled(device_type):
+        dtype = torch.get_autocast_dtype(device_type)
+        rows, weight = rows.to(dtype), weight.to(dtype)
+        bias = None if bias is None else bias.to(dtype)
+    with torch.autocast(device_type=device_type, enabled=False):
+        return chunked_linear(rows, weight, bias, chunk)
 
 
 def _same_padding(a: torch.Tensor | None, b: torch.Tensor | None) -> bool:

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from uniperceiver_cli.model.config import NoisePolicy, UnseenTaskPolicy
+from uniperceiver_cli.model.moe.experts import chunked_linear
 from uniperceiver_cli.model.routing import Modality, Segment
 
 #: Modalities known to the modality router, in embedding-row order.
@@ -77,12 +78,17 @@ class _NoisyGate(nn.Module):
             out = torch.randn(shape, generator=self.generator, device=device, dtype=torch.float32)
         return out.to(like.device)
 
-    def project(self, u: torch.Tensor, noisy: bool = True) -> GateOutput:
+    def project(
+        self, u: torch.Tensor, noisy: bool = True, row_chunk: int | None = None
+    ) -> GateOutput:
         """Score gate inputs.
 
         Args:
             u: (U, Dg) inputs of `wg`.
             noisy: allow noise (it is still drawn only in training); False gives eval logits.
+            row_chunk: compute the logits in matmuls of exactly this many rows
+                (`experts.chunked_linear`), so each row's logits are bitwise independent of the
+                other rows (batch-invariant eval); None for one plain matmul.
 
         Returns:
             Clean and noisy (U, E) float32 logits.
@@ -91,7 +97,10 @@ class _NoisyGate(nn.Module):
         with torch.autocast(device_type=u.device.type, enabled=False):
             u32 = u.float()
             weight = self.wg.weight.float()
-            logits = F.linear(u32, weight)
+            if row_chunk is None:
+                logits = F.linear(u32, weight)
+            else:
+                logits = chunked_linear(u32, weight, None, row_chunk)
             if not noisy_training:
                 return GateOutput(logits, logits)
             if self.noise == "vmoe":
@@ -113,18 +122,21 @@ class TokenRouter(_NoisyGate):
         noise_std: noise scale.
     """
 
-    def forward(self, x: torch.Tensor, noisy: bool = True) -> GateOutput:
+    def forward(
+        self, x: torch.Tensor, noisy: bool = True, row_chunk: int | None = None
+    ) -> GateOutput:
         """Score tokens.
 
         Args:
             x: (N, Din) token inputs.
             noisy: allow training noise.
+            row_chunk: batch-invariant logits in chunks of this many rows (see `project`).
 
         Returns:
             (N, E) logits.
         """
         assert x.ndim == 2, f"expected (N, Din), got {tuple(x.shape)}"
-        return self.project(x, noisy)
+        return self.project(x, noisy, row_chunk)
 
 
 class ContextRouter(_NoisyGate):
@@ -153,7 +165,11 @@ class ContextRouter(_NoisyGate):
         return total / count
 
     def forward(
-        self, x: torch.Tensor, padding: torch.Tensor | None = None, noisy: bool = True
+        self,
+        x: torch.Tensor,
+        padding: torch.Tensor | None = None,
+        noisy: bool = True,
+        row_chunk: int | None = None,
     ) -> GateOutput:
         """Score samples.
 
@@ -161,12 +177,13 @@ class ContextRouter(_NoisyGate):
             x: (B, L, Din) inputs.
             padding: (B, L) bool padding mask or None.
             noisy: allow training noise.
+            row_chunk: batch-invariant logits in chunks of this many rows (see `project`).
 
         Returns:
             (B, E) logits.
         """
         assert x.ndim == 3, f"expected (B, L, Din), got {tuple(x.shape)}"
-        return self.project(self.pool(x, padding), noisy)
+        return self.project(self.pool(x, padding), noisy, row_chunk)
 
 
 class SegmentRouter(_NoisyGate):
