@@ -14,11 +14,8 @@ from uniperceiver_cli.model.moe.dispatch import (
     plan_dispatch,
     select_top_k,
 )
-from uniperceiver_cli.model.moe.experts import (
-    dispatch_linear,
-    grouped_linear,
-    grouped_mm_supported,
-)
+from uniperceiver_cli.model.moe.experts import grouped_linear, grouped_mm_supported
+from uniperceiver_cli.model.moe.fused_dispatch import dispatch_linear
 from uniperceiver_cli.model.moe.reference import (
     reference_apply_experts,
     reference_token_moe,

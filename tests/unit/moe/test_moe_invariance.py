@@ -15,7 +15,8 @@ from moe_helpers import tiny_config
 from torch import nn
 
 from uniperceiver_cli.model.moe import SegmentRoutedLinear, TokenRoutedLinear, build_routed_linears
-from uniperceiver_cli.model.moe.experts import INVARIANT_CHUNK, chunked_linear, dispatch_linear
+from uniperceiver_cli.model.moe.experts import INVARIANT_CHUNK, chunked_linear
+from uniperceiver_cli.model.moe.fused_dispatch import dispatch_linear
 from uniperceiver_cli.model.routing import RoutingContext, input_segments
 
 D, FFN, L = 64, 96, 8

@@ -1,6 +1,7 @@
 """Conditional mixture-of-experts linears (SPEC §2, §13.1).
 
-router.py scores, dispatch.py selects and groups, experts.py holds and applies expert weights,
+router.py scores, dispatch.py selects and groups, experts.py holds and applies expert weights
+(fused_dispatch.py: the fused token-dispatch linear),
 losses.py has the auxiliary losses, layer.py the routed linears and `build_routed_linears`,
 telemetry.py the aux record, fold.py dense folding, parallel.py expert parallelism, reference.py
 loop oracles, keys.py reference checkpoint keys. Importing this package imports torch.

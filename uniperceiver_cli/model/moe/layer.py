@@ -5,7 +5,7 @@
   are cached per key and rebuilt when a parameter changes (version counters), on `train()` and on
   device moves.
 * `TokenRoutedLinear` (token, context routing): top-k, capacity, batch-prioritised routing and a
-  grouped per-expert matmul (`dispatch.py`, `experts.py`); experts may be sharded over ranks
+  grouped per-expert matmul (`dispatch.py`, `fused_dispatch.py`); experts may be sharded over ranks
   (`parallel.py`). In eval without gradients every matmul runs on fixed row chunks, so a token's
   output is bitwise independent of the rest of the batch (`invariant_chunk`, docs/moe.md).
 
@@ -39,10 +39,10 @@ from uniperceiver_cli.model.moe.experts import (
     INVARIANT_CHUNK,
     ExpertWeights,
     chunked_linear,
-    dispatch_linear,
     grouped_linear,
     merge_experts,
 )
+from uniperceiver_cli.model.moe.fused_dispatch import dispatch_linear
 from uniperceiver_cli.model.moe.losses import (
     balance_loss,
     gate_entropy,
@@ -521,7 +521,7 @@ class TokenRoutedLinear(_RoutedLinear):
         expert_group: process group experts are sharded over (set by `parallel.shard_experts`).
         use_grouped_mm: run experts with `torch._grouped_mm` when the operands allow it.
         fused_dispatch: without expert parallelism or `use_grouped_mm`, run gather, experts and
-            combine as one autograd node (`experts.dispatch_linear`); False composes
+            combine as one autograd node (`fused_dispatch.dispatch_linear`); False composes
             `gather_units`, `grouped_linear` and `combine_units` (same results, more memory).
     """
 
