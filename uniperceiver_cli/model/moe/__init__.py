@@ -2,7 +2,8 @@
 
 router.py scores, dispatch.py selects and groups, experts.py holds and applies expert weights
 (fused_dispatch.py: the fused token-dispatch linear),
-losses.py has the auxiliary losses, layer.py the routed linears and `build_routed_linears`,
+losses.py has the auxiliary losses, routed.py / segment_linear.py / token_linear.py the routed
+linears and layer.py `build_routed_linears`,
 telemetry.py the aux record, fold.py dense folding, parallel.py expert parallelism, reference.py
 loop oracles, keys.py reference checkpoint keys. Importing this package imports torch.
 """
