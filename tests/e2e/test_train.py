@@ -133,7 +133,7 @@ def test_pretrain_writes_checkpoints_metrics_and_json(tmp_path: Path) -> None:
 
 def _crash_after(step_to_die: int, monkeypatch: pytest.MonkeyPatch) -> None:
     """Make the run die right after writing the checkpoint of `step_to_die` (like a kill -9 there)."""
-    import uniperceiver_cli.engine.train as train_module
+    import uniperceiver_cli.engine.train_state as train_module
 
     real = train_module.save_checkpoint
 

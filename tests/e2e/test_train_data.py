@@ -130,7 +130,7 @@ def test_training_on_toy_files_through_real_formats_resumes_exactly(
     assert "cls/acc1" in payload["metrics"] or "val/cls/acc1" in payload["metrics"]
 
     # Die right after the step-3 checkpoint, then resume: the same parameters as the straight run.
-    import uniperceiver_cli.engine.train as train_module
+    import uniperceiver_cli.engine.train_state as train_module
 
     real = train_module.save_checkpoint
 
