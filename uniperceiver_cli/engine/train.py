@@ -417,6 +417,24 @@ def _train(
     clip = optim_spec.grad_clip
     trainable = [p for p in module.parameters() if p.requires_grad]
     single_task = len(task_specs) == 1
+
+    def finish(*, interrupted: bool = False) -> TrainResult:
+        return _result(
+            run_dir,
+            command,
+            step,
+            sched.max_steps,
+            last_ckpt,
+            resumed_from,
+            metrics,
+            losses,
+            t_start,
+            trainable_params,
+            total_params,
+            table,
+            interrupted=interrupted,
+        )
+
     try:
         with latch.installed():
             wrapped.train()
@@ -517,23 +535,7 @@ def _train(
                     last_ckpt = save(step)
                     last_saved_step = step
                 if stop:
-                    raise TrainingInterrupted(
-                        _result(
-                            run_dir,
-                            command,
-                            step,
-                            sched.max_steps,
-                            last_ckpt,
-                            resumed_from,
-                            metrics,
-                            losses,
-                            t_start,
-                            trainable_params,
-                            total_params,
-                            table,
-                            interrupted=True,
-                        )
-                    )
+                    raise TrainingInterrupted(finish(interrupted=True))
             if last_saved_step != step:
                 last_ckpt = save(step)
             metrics = run_validation(step) or metrics
@@ -544,20 +546,7 @@ def _train(
         raise
     finally:
         reporter.close()
-    return _result(
-        run_dir,
-        command,
-        step,
-        sched.max_steps,
-        last_ckpt,
-        resumed_from,
-        metrics,
-        losses,
-        t_start,
-        trainable_params,
-        total_params,
-        table,
-    )
+    return finish()
 
 
 def _result(
