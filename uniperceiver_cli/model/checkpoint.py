@@ -316,24 +316,35 @@ _TASK_LEVEL_PREFIXES = ("fc_prompt.", "similarity_weight", "prompt_embed.")
 _GLOBAL_RE = re.compile(r"GLOBAL ([\w.]+)")
 
 
+def _first_line(error: Exception) -> str:
+    """The telling line of an unpickling error (torch's safe-load text is advice, not the cause)."""
+    text = str(error)
+    marker = "WeightsUnpickler error:"
+    if marker in text:
+        text = text.split(marker, 1)[1]
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    return (lines[0] if lines else type(error).__name__)[:200]
+
+
 def _read_reference(path: Path, *, trust: bool = False) -> tuple[dict[str, Tensor], str]:
     if not path.is_file():
         raise CheckpointError(f"{path}: no such file")
     try:
         obj = torch.load(path, map_location="cpu", weights_only=not trust)
     except pickle.UnpicklingError as e:
-        if trust or "Weights only load failed" not in str(e):
-            raise CheckpointError(
-                f"{path}: cannot read the checkpoint ({type(e).__name__}: {str(e)[:200]}); the file is "
-                "truncated, corrupt or not a PyTorch checkpoint"
-            ) from e
+        # A safe load names the Python object it refuses (`GLOBAL module.Name`); any other unpickling
+        # error (e.g. "Unsupported operand") means the bytes are not a valid checkpoint.
         m = _GLOBAL_RE.search(str(e))
-        name = m.group(1) if m else None
+        if trust or m is None or "Weights only load failed" not in str(e):
+            raise CheckpointError(
+                f"{path}: cannot read the checkpoint; the file is truncated, corrupt or not a "
+                f"PyTorch checkpoint ({type(e).__name__}: {_first_line(e)})"
+            ) from e
+        name = m.group(1)
         raise UntrustedCheckpointError(
-            f"{path}: the file pickles Python objects"
-            + (f" ({name})" if name else "")
-            + " besides tensors, which a safe load (weights_only=True) refuses; if you trust "
-            "where the file comes from, pass --trust (trust=True) to load it unsafely",
+            f"{path}: the file pickles Python objects ({name}) besides tensors, which a safe load "
+            "(weights_only=True) refuses; if you trust where the file comes from, pass --trust "
+            "(trust=True) to load it unsafely",
             name,
         ) from e
     # Unpickling a corrupt file can raise almost any exception type; all mean "unreadable".

@@ -82,6 +82,20 @@ def test_pickled_objects_need_trust(official_tiny: Path, tmp_path: Path) -> None
         assert torch.equal(got.state_dict()[key], value), key
 
 
+def test_garbage_bytes_are_corrupt_not_untrusted(tmp_path: Path) -> None:
+    """torch's safe unpickler rejects garbage with "Weights only load failed" too; without a named
+    Python object that is a corrupt file, and --trust must not be suggested."""
+    path = tmp_path / "garbage.pth"
+    path.write_bytes(b"garbage")
+    with pytest.raises(
+        CheckpointError, match="truncated, corrupt or not a PyTorch checkpoint"
+    ) as info:
+        convert_released(path, tmp_path / "out")
+    assert not isinstance(info.value, UntrustedCheckpointError)
+    assert "--trust" not in str(info.value)
+    assert not (tmp_path / "out").exists()
+
+
 def test_truncated_and_foreign_files(official_tiny: Path, tmp_path: Path) -> None:
     data = (official_tiny / RELEASED["dense"][1]).read_bytes()
     truncated = tmp_path / "truncated.pth"
