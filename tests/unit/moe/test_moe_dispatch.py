@@ -450,3 +450,36 @@ def test_bf16_autocast_runs_the_experts_in_bf16() -> None:
     assert lead.experts.weight.grad is not None
     assert lead.experts.weight.grad.dtype == torch.float32
     assert float(lead.experts.weight.grad.abs().sum()) > 0
+
+
+@pytest.mark.parametrize(("din", "dout"), [(16, 8), (8, 16)])
+def test_bf16_matmuls_only_see_padded_row_counts(din: int, dout: int) -> None:
+    """Every bfloat16 matmul of the fused node, forward and backward, runs on row counts that are
+    multiples of the padding: oneDNN builds and caches a kernel per shape, so a routed count
+    that changes every step would cost a new kernel (time) and a cache entry (memory) each step."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from uniperceiver_cli.model.moe.fused_dispatch import LOW_PRECISION_ROW_MULTIPLE
+
+    shapes: list[tuple[int, ...]] = []
+
+    class RecordMatmuls(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+            if func in (torch.ops.aten.mm.default, torch.ops.aten.mm.out) and (
+                args[0].dtype == torch.bfloat16
+            ):
+                shapes.append((*args[0].shape, args[1].shape[1]))
+            return func(*args, **(kwargs or {}))
+
+    x, weight, bias = _leaf(10, din), _leaf(4, dout, din), _leaf(4, dout)
+    counts = [3, 0, 5, 2]
+    src = torch.tensor([0, 4, 9, 1, 4, 7, 8, 2, 4, 3])
+    dest = torch.tensor([1, 0, 5, 2, 3, 5, 0, 4, 6, 6])
+    row_weights = torch.rand(10).requires_grad_()
+    with RecordMatmuls(), torch.autocast("cpu", dtype=torch.bfloat16):
+        y = dispatch_linear(x, weight, bias, counts, src, row_weights, dest, 7)
+        y.float().square().sum().backward()  # type: ignore[no-untyped-call]
+    assert len(shapes) >= 3 * 3  # forward, dx and dW of each non-empty expert
+    for shape in shapes:
+        for size in shape:
+            assert size in (din, dout, 1) or size % LOW_PRECISION_ROW_MULTIPLE == 0, shapes

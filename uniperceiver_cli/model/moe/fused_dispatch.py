@@ -258,9 +258,11 @@ class _DispatchLinear(torch.autograd.Function):
                 s_col = scale[rows].unsqueeze(1)  # (n, 1)
                 gx_out = None if grads_in is None else grads_in[start : start + size]
                 if grad_s is not None and bias is not None:
-                    # g · b_e: (n, Dout) @ (Dout, 1), cheaper than one (R, Dout) @ (Dout, E)
+                    # g · b_e: (n', Dout) @ (Dout, 1), cheaper than one (R, Dout) @ (Dout, E); on
+                    # the padded block, since for bfloat16 oneDNN builds and caches a kernel per
+                    # row count (a new one every step for the unpadded n: time and memory)
                     b_col = bias[e].to(dtype).unsqueeze(1)
-                    grad_s[rows] = torch.mm(g[:n], b_col).squeeze(1)
+                    grad_s[rows] = torch.mm(g, b_col)[:n].squeeze(1)
                 elif grad_s is not None:
                     grad_s[rows] = 0
                 if narrow_out:
