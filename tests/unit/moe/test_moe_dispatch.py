@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 from moe_helpers import tiny_config
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from uniperceiver_cli.model.moe import SharedDecisionError, TokenRoutedLinear, build_routed_linears
 from uniperceiver_cli.model.moe.dispatch import (
@@ -15,7 +16,7 @@ from uniperceiver_cli.model.moe.dispatch import (
     select_top_k,
 )
 from uniperceiver_cli.model.moe.experts import grouped_linear, grouped_mm_supported
-from uniperceiver_cli.model.moe.fused_dispatch import dispatch_linear
+from uniperceiver_cli.model.moe.fused_dispatch import LOW_PRECISION_ROW_MULTIPLE, dispatch_linear
 from uniperceiver_cli.model.moe.reference import (
     reference_apply_experts,
     reference_token_moe,
@@ -452,34 +453,61 @@ def test_bf16_autocast_runs_the_experts_in_bf16() -> None:
     assert float(lead.experts.weight.grad.abs().sum()) > 0
 
 
+class _RecordBf16Matmuls(TorchDispatchMode):
+    """Records the operand shapes of every bfloat16 matmul (mm, addmm, in place or into out)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.shapes: list[tuple[int, ...]] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+        if func.overloadpacket in (torch.ops.aten.mm, torch.ops.aten.addmm, torch.ops.aten.addmm_):
+            a, b = (args[0], args[1]) if func.overloadpacket == torch.ops.aten.mm else args[1:3]
+            if a.dtype == torch.bfloat16:
+                self.shapes.append((*a.shape, b.shape[1]))
+        return func(*args, **(kwargs or {}))
+
+
 @pytest.mark.parametrize(("din", "dout"), [(16, 8), (8, 16)])
 def test_bf16_matmuls_only_see_padded_row_counts(din: int, dout: int) -> None:
     """Every bfloat16 matmul of the fused node, forward and backward, runs on row counts that are
     multiples of the padding: oneDNN builds and caches a kernel per shape, so a routed count
     that changes every step would cost a new kernel (time) and a cache entry (memory) each step."""
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    from uniperceiver_cli.model.moe.fused_dispatch import LOW_PRECISION_ROW_MULTIPLE
-
-    shapes: list[tuple[int, ...]] = []
-
-    class RecordMatmuls(TorchDispatchMode):
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
-            if func in (torch.ops.aten.mm.default, torch.ops.aten.mm.out) and (
-                args[0].dtype == torch.bfloat16
-            ):
-                shapes.append((*args[0].shape, args[1].shape[1]))
-            return func(*args, **(kwargs or {}))
-
     x, weight, bias = _leaf(10, din), _leaf(4, dout, din), _leaf(4, dout)
     counts = [3, 0, 5, 2]
     src = torch.tensor([0, 4, 9, 1, 4, 7, 8, 2, 4, 3])
     dest = torch.tensor([1, 0, 5, 2, 3, 5, 0, 4, 6, 6])
     row_weights = torch.rand(10).requires_grad_()
-    with RecordMatmuls(), torch.autocast("cpu", dtype=torch.bfloat16):
+    record = _RecordBf16Matmuls()
+    with record, torch.autocast("cpu", dtype=torch.bfloat16):
         y = dispatch_linear(x, weight, bias, counts, src, row_weights, dest, 7)
         y.float().square().sum().backward()  # type: ignore[no-untyped-call]
-    assert len(shapes) >= 3 * 3  # forward, dx and dW of each non-empty expert
-    for shape in shapes:
+    assert len(record.shapes) >= 3 * 3  # forward, dx and dW of each non-empty expert
+    for shape in record.shapes:
         for size in shape:
-            assert size in (din, dout, 1) or size % LOW_PRECISION_ROW_MULTIPLE == 0, shapes
+            assert size in (din, dout, 1) or size % LOW_PRECISION_ROW_MULTIPLE == 0, record.shapes
+
+
+def test_bf16_grouped_linear_splits_rows_into_repeating_shapes() -> None:
+    """The unfused / expert-parallel path splits each block into a multiple of the row multiple
+    and a shorter tail, so its bfloat16 matmul shapes repeat across steps; results unchanged."""
+    din, dout = 16, 8
+    counts = [70, 0, 130, 3]
+    x = torch.randn(sum(counts), din, requires_grad=True)
+    weight, bias = _leaf(4, dout, din), _leaf(4, dout)
+    record = _RecordBf16Matmuls()
+    with record, torch.autocast("cpu", dtype=torch.bfloat16):
+        y = grouped_linear(x, weight, bias, counts)
+        y.float().square().sum().backward()  # type: ignore[no-untyped-call]
+    rows = [s for shape in record.shapes for s in shape if s not in (din, dout)]
+    assert sorted(set(rows)) == [2, 3, 6, 64, 128]  # 70 = 64 + 6, 130 = 128 + 2, 3
+    blocks = torch.split(x.detach().bfloat16(), counts)
+    for e, block in enumerate(blocks):
+        expected = (
+            block.float() @ weight[e].detach().bfloat16().float().T
+            + bias[e].detach().bfloat16().float()
+        )
+        start = sum(counts[:e])
+        torch.testing.assert_close(
+            y[start : start + counts[e]].float(), expected, atol=0.05, rtol=0.02
+        )

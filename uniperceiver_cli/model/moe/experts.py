@@ -17,6 +17,8 @@ import torch
 from torch import nn
 from torch.autograd.function import once_differentiable
 
+from uniperceiver_cli.model.moe.fused_dispatch import expert_row_multiple
+
 
 def xavier_bound(out_features: int, in_features: int, fused_qkv: bool = False) -> float:
     """Xavier-uniform bound of the reference MAE init (SPEC §1.12).
@@ -174,11 +176,11 @@ class _GroupedLinear(torch.autograd.Function):
         ctx.blocks = (counts, experts)  # type: ignore[attr-defined]
         ctx.has_bias = bias is not None  # type: ignore[attr-defined]
         out = x.new_empty((x.shape[0], weight.shape[1]))
+        multiple = expert_row_multiple(x)
         with torch.autocast(device_type=x.device.type, enabled=False):
             start = 0
             for n, e in zip(counts, experts, strict=True):
-                if n:
-                    rows = slice(start, start + n)
+                for rows in _row_pieces(start, n, multiple):
                     if bias is None:
                         torch.mm(x[rows], weight[e].t(), out=out[rows])
                     else:
@@ -200,24 +202,23 @@ class _GroupedLinear(torch.autograd.Function):
         grad_w = torch.empty_like(weight) if need_w else None
         grad_b = grad_out.new_zeros((weight.shape[0], weight.shape[1])) if need_b else None
         written: set[int] = set()
+        multiple = expert_row_multiple(x)
         with torch.autocast(device_type=x.device.type, enabled=False):
             start = 0
             for n, e in zip(counts, experts, strict=True):
-                if not n:
-                    continue
-                rows = slice(start, start + n)
+                for rows in _row_pieces(start, n, multiple):
+                    g = grad_out[rows]
+                    if grad_x is not None:
+                        torch.mm(g, weight[e], out=grad_x[rows])
+                    if grad_w is not None:
+                        if e in written:
+                            grad_w[e].addmm_(g.t(), x[rows])
+                        else:
+                            torch.mm(g.t(), x[rows], out=grad_w[e])
+                    if grad_b is not None:
+                        grad_b[e] += g.sum(dim=0)
+                    written.add(e)
                 start += n
-                g = grad_out[rows]
-                if grad_x is not None:
-                    torch.mm(g, weight[e], out=grad_x[rows])
-                if grad_w is not None:
-                    if e in written:
-                        grad_w[e].addmm_(g.t(), x[rows])
-                    else:
-                        torch.mm(g.t(), x[rows], out=grad_w[e])
-                if grad_b is not None:
-                    grad_b[e] += g.sum(dim=0)
-                written.add(e)
             if grad_x is not None and start < x.shape[0]:
                 grad_x[start:].zero_()
             if grad_w is not None:
@@ -225,6 +226,20 @@ class _GroupedLinear(torch.autograd.Function):
                     if e not in written:
                         grad_w[e].zero_()
         return grad_x, grad_w, grad_b, None, None
+
+
+def _row_pieces(start: int, n: int, multiple: int) -> list[slice]:
+    """Rows [start, start + n) as a block of a multiple of `multiple` rows and a shorter tail.
+
+    For bfloat16 on CPU oneDNN builds (and caches) a kernel per matmul shape; a routed row
+    count changes every step, but split like this the shapes repeat (multiples of the row
+    multiple, tails below it), so kernels are built once rather than every step.
+    """
+    main = n - n % multiple
+    pieces = [slice(start, start + main)] if main else []
+    if main < n:
+        pieces.append(slice(start + main, start + n))
+    return pieces
 
 
 def grouped_linear(

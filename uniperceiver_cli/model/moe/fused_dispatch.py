@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
-__all__ = ["LOW_PRECISION_ROW_MULTIPLE", "dispatch_linear"]
+__all__ = ["LOW_PRECISION_ROW_MULTIPLE", "dispatch_linear", "expert_row_multiple"]
 
 
 @dataclass(frozen=True)
@@ -406,7 +406,7 @@ def dispatch_linear(
         num_out,
         tuple(int(c) for c in counts),
         row_chunk,
-        _row_multiple(x) if row_multiple is None else row_multiple,
+        expert_row_multiple(x) if row_multiple is None else row_multiple,
     )
     return combined
 
@@ -415,8 +415,8 @@ def dispatch_linear(
 LOW_PRECISION_ROW_MULTIPLE = 64
 
 
-def _row_multiple(x: torch.Tensor) -> int:
-    """Row padding of `dispatch_linear` blocks for x's device and dtype."""
+def expert_row_multiple(x: torch.Tensor) -> int:
+    """Row granularity of expert matmuls for x's device and dtype (`dispatch_linear` padding)."""
     if x.device.type == "cpu" and x.dtype in (torch.bfloat16, torch.float16):
         return LOW_PRECISION_ROW_MULTIPLE
     return 1
