@@ -18,11 +18,11 @@ Parts (all by default, or pick with --parts):
 
 Each measurement is a median over --reps rounds; within a round every candidate runs once, in
 turn, so drift of the shared machine hits all of them alike. The fwd+bwd candidates of `token` run
-each in its own process (as a training job would), driven in rounds from this one: in one shared
-glibc heap, a model whose buffers do not fit the holes another model left faults in fresh pages
-(~1.3 us per 4 KiB page; 18k faults, ~24 ms, for a 75 MB stacked expert gradient), a cost that
-belongs to the benchmark, not to either model. Each process first runs --token-warmup steps on its
-own, and the table prints the median minor page faults of the timed steps.
+each in its own process (as a training job would), driven in rounds from this one, so that a
+model's page faults come from its own allocations and not from holes another model left in a
+shared glibc heap (a fresh 4 KiB page costs ~1.3 us; a 75 MB stacked expert gradient that finds no
+hole costs ~24 ms). Each process first runs --token-warmup steps on its own, and the table prints
+the median minor page faults of the timed steps.
 
 Run (the allocator setting must be in the environment before Python starts, PERF.md):
     GLIBC_TUNABLES=glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=68719476736 \\
