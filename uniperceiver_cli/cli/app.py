@@ -19,6 +19,7 @@ from uniperceiver_cli.cli.adhoc_commands import (
     zero_shot_classify,
     zero_shot_retrieve,
 )
+from uniperceiver_cli.cli.allocator import reexec_with_tuned_malloc
 from uniperceiver_cli.cli.common import CONTEXT
 from uniperceiver_cli.cli.data_commands import data_toy
 from uniperceiver_cli.cli.eval_commands import evaluate, score_captions, zero_shot
@@ -111,5 +112,6 @@ zero_shot_app.command("retrieve")(zero_shot_retrieve)
 
 
 def main() -> None:
-    """Console-script entry point."""
+    """Console-script entry point (heavy commands first re-execute with tuned malloc, `allocator`)."""
+    reexec_with_tuned_malloc()
     app()

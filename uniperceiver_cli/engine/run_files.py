@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import platform
 from pathlib import Path
 from typing import Any
@@ -52,5 +53,6 @@ def write_run_files(run_dir: Path, loaded: Any, runtime: Runtime, seed: int) -> 
         "seed": seed,
         "recipe_sha256": hashlib.sha256(text.encode()).hexdigest(),
         "overrides": list(loaded.overrides),
+        "malloc_tunables": os.environ.get("GLIBC_TUNABLES"),
     }
     (run_dir / "env.json").write_text(json.dumps(env, indent=2) + "\n", encoding="utf-8")
