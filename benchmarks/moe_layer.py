@@ -102,9 +102,14 @@ def isolated(
             conn, child = context.Pipe()
             proc = context.Process(target=_token_worker, args=(child, {**spec, "name": name}))
             proc.start()
-            if conn.recv() != "ready":
-                raise RuntimeError(f"worker for {name!r} failed to start")
+            child.close()  # the worker holds its end; a dead worker then reads as EOF here
             workers[name] = (proc, conn)
+            try:
+                conn.recv()
+            except EOFError:
+                raise RuntimeError(
+                    f"the {name!r} process exited while building (see above)"
+                ) from None
 
         def step(name: str) -> tuple[float, int]:
             conn = workers[name][1]
@@ -124,7 +129,8 @@ def isolated(
                 faults[name].append(faulted)
     finally:
         for proc, conn in workers.values():
-            conn.send("stop")
+            with contextlib.suppress(OSError):
+                conn.send("stop")
             proc.join(timeout=60)
     return (
         {name: statistics.median(ts) for name, ts in times.items()},
