@@ -48,6 +48,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from uniperceiver_cli.model.config import ModelConfig, MoEConfig, RoutingStrategy
+from uniperceiver_cli.model.gemm import linear, resolve_backend
 from uniperceiver_cli.model.moe import SegmentRoutedLinear, TokenRoutedLinear, build_routed_linears
 from uniperceiver_cli.model.moe.dispatch import DispatchPlan
 from uniperceiver_cli.model.moe.experts import INVARIANT_CHUNK
@@ -57,8 +58,10 @@ Step = Callable[[], None]
 
 #: Candidates of `token_steps`.
 DENSE = "dense FFN"
+DENSE_GEMM = "dense FFN, same GEMM as ours"
 OURS = "ours: sort + grouped matmul"
-DEEPSPEED = "DeepSpeed MoE (einsum dispatch)"
+OURS_BLAS = "ours, torch's BLAS (as DeepSpeed)"
+DEEPSPEED = "DeepSpeed MoE"
 UNFUSED = "ours, unfused (gather / grouped / combine)"
 NAIVE = "ours, one-hot (N, E, C) dispatch"
 
@@ -154,6 +157,7 @@ def _token_worker(conn: Any, spec: dict[str, Any]) -> None:
             with_deepspeed=name == DEEPSPEED,
             with_naive=name == NAIVE,
             with_unfused=name == UNFUSED,
+            fresh_inputs=spec["fresh_inputs"],
         )
         fn = steps[name]
         conn.send("ready")
@@ -351,47 +355,71 @@ def token_steps(
     with_deepspeed: bool = False,
     with_naive: bool = False,
     with_unfused: bool = False,
+    fresh_inputs: int = 1,
 ) -> dict[str, Step]:
-    """Forward+backward steps of the dense FFN, our token-routed FFN and optional baselines."""
+    """Forward+backward steps of the dense FFN, our token-routed FFN and optional baselines.
+
+    `fresh_inputs` > 1 cycles through that many random inputs, so routing (and so every
+    expert's row count) changes from step to step as in training; 1 repeats one input.
+    """
     torch.manual_seed(0)
     ffn_in, ffn_out = token_ffn(dim, ffn, experts, top_k, capacity)
     dense = nn.Sequential(nn.Linear(dim, ffn), nn.GELU(), nn.Linear(ffn, dim))
     routing = RoutingContext("bench", (Segment(n, "image", (0,) * 8),))
-    x = torch.randn(1, n, dim, requires_grad=True)
+    inputs = [torch.randn(1, n, dim, requires_grad=True) for _ in range(fresh_inputs)]
     params = [*ffn_in.parameters(), *ffn_out.parameters(), *dense.parameters()]
+    turn = [0]
 
-    def step(loss_fn: Callable[[], torch.Tensor], extra: list[torch.Tensor]) -> Step:
+    def step(loss_fn: Callable[[torch.Tensor], torch.Tensor], extra: list[torch.Tensor]) -> Step:
         def run() -> None:
+            x = inputs[turn[0] % len(inputs)]
+            turn[0] += 1
             x.grad = None
             for p in [*params, *extra]:
                 p.grad = None
             with autocast(dtype):
-                loss = loss_fn()
+                loss = loss_fn(x)
             loss.backward()  # type: ignore[no-untyped-call]
 
         return run
 
-    def dense_loss() -> torch.Tensor:
+    def dense_loss(x: torch.Tensor) -> torch.Tensor:
         out: torch.Tensor = dense(x).float().sum()
         return out
 
-    def moe_loss() -> torch.Tensor:
+    def dense_gemm_loss(x: torch.Tensor) -> torch.Tensor:
+        first, last = dense[0], dense[2]
+        assert isinstance(first, nn.Linear) and isinstance(last, nn.Linear)
+        h = F.gelu(linear(x, first.weight, first.bias, ffn_in.cpu_gemm))
+        out: torch.Tensor = linear(h, last.weight, last.bias, ffn_in.cpu_gemm).float().sum()
+        return out
+
+    def moe_loss(x: torch.Tensor) -> torch.Tensor:
         h, aux = ffn_in(x, routing)
         y, _ = ffn_out(F.gelu(h), routing)
         assert aux is not None
         total: torch.Tensor = y.float().sum() + aux.loss
         return total
 
+    def blas_loss(x: torch.Tensor) -> torch.Tensor:
+        ffn_in.cpu_gemm = ffn_out.cpu_gemm = "torch"
+        try:
+            return moe_loss(x)
+        finally:
+            ffn_in.cpu_gemm = ffn_out.cpu_gemm = "auto"
+
     steps: dict[str, Step] = {
         DENSE: step(dense_loss, []),
+        DENSE_GEMM: step(dense_gemm_loss, []),
         OURS: step(moe_loss, []),
+        OURS_BLAS: step(blas_loss, []),
     }
     if with_unfused:
 
-        def unfused_loss() -> torch.Tensor:
+        def unfused_loss(x: torch.Tensor) -> torch.Tensor:
             ffn_in.fused_dispatch = ffn_out.fused_dispatch = False
             try:
-                return moe_loss()
+                return moe_loss(x)
             finally:
                 ffn_in.fused_dispatch = ffn_out.fused_dispatch = True
 
@@ -400,7 +428,7 @@ def token_steps(
         ds = build_deepspeed(dim, ffn, experts, top_k, capacity)
         ds_params = list(ds.parameters())
 
-        def ds_loss() -> torch.Tensor:
+        def ds_loss(x: torch.Tensor) -> torch.Tensor:
             y, l_aux, _ = ds(x)
             loss: torch.Tensor = y.float().sum() + l_aux
             return loss
@@ -408,7 +436,7 @@ def token_steps(
         steps[DEEPSPEED] = step(ds_loss, ds_params)
     if with_naive:
 
-        def naive_loss() -> torch.Tensor:
+        def naive_loss(x: torch.Tensor) -> torch.Tensor:
             flat = x.reshape(n, dim)
             route, stats = ffn_in.route(x, None)
             cap = route.plan.capacity or n
@@ -423,7 +451,7 @@ def token_steps(
 def bench_token(args: argparse.Namespace) -> None:
     """Token-routed FFN against dense and DeepSpeed, float32 and bf16 autocast."""
     cls, why = deepspeed_moe_class() if not args.no_deepspeed else (None, "skipped by flag")
-    names = [DENSE, OURS]
+    names = [DENSE, DENSE_GEMM, OURS, OURS_BLAS]
     names += [UNFUSED] if args.unfused else []
     names += [DEEPSPEED] if cls is not None else []
     names += [NAIVE] if args.naive else []
@@ -437,11 +465,21 @@ def bench_token(args: argparse.Namespace) -> None:
             "capacity": args.capacity_factor,
             "dtype": dtype,
             "threads": args.threads,
+            "fresh_inputs": args.fresh_inputs,
         }
         medians, faults = isolated(names, spec, args.reps, args.token_warmup)
-        note = f"FLOP floor vs dense: K = {args.top_k}; one process per candidate"
+        note = (
+            f"FLOP floor vs dense: K = {args.top_k}; one process per candidate; "
+            f"{args.fresh_inputs} input(s) in turn; ours' float32 GEMM: "
+            f"{resolve_backend('auto')}; ours / dense on the same GEMM = "
+            f"{medians[OURS] / medians[DENSE_GEMM]:.3f}x"
+        )
         if DEEPSPEED in medians:
-            note += f"; DeepSpeed / ours = {medians[DEEPSPEED] / medians[OURS]:.3f}x"
+            note += (
+                f"; DeepSpeed / ours = {medians[DEEPSPEED] / medians[OURS]:.3f}x"
+                f"; DeepSpeed / ours on torch's BLAS = "
+                f"{medians[DEEPSPEED] / medians[OURS_BLAS]:.3f}x"
+            )
         elif why:
             note += f"; {why}"
         table(
@@ -493,8 +531,16 @@ def eval_steps(
         with torch.no_grad(), autocast(dtype):
             dense(x)
 
+    def run_dense_gemm() -> None:
+        first, last = dense[0], dense[2]
+        assert isinstance(first, nn.Linear) and isinstance(last, nn.Linear)
+        with torch.no_grad(), autocast(dtype):
+            h = F.gelu(linear(x, first.weight, first.bias, ffn_in.cpu_gemm))
+            linear(h, last.weight, last.bias, ffn_in.cpu_gemm)
+
     return {
         DENSE: run_dense,
+        DENSE_GEMM: run_dense_gemm,
         "routed, plain matmuls": routed(None),
         "routed, batch-invariant (default)": routed(INVARIANT_CHUNK),
     }
@@ -522,7 +568,7 @@ def bench_sweep(args: argparse.Namespace, over: str) -> None:
     """MoE / dense ratio over the number of experts or of tokens (float32)."""
     values = args.expert_sweep if over == "experts" else args.token_sweep
     print(f"\ntoken-routed FFN fwd+bwd vs dense FFN over {over} (float32, top-{args.top_k})")
-    print(f"| {over} | dense | ours | ours / dense |")
+    print(f"| {over} | dense (same GEMM) | ours | ours / dense |")
     print("| --- | --- | --- | --- |")
     for value in values:
         experts = value if over == "experts" else args.experts
@@ -531,8 +577,9 @@ def bench_sweep(args: argparse.Namespace, over: str) -> None:
         steps = token_steps(
             tokens, args.dim, args.ffn, experts, top_k, args.capacity_factor, torch.float32
         )
-        medians = interleaved(steps, max(args.reps - 2, 1), args.warmup)
-        dense, ours = medians[DENSE], medians[OURS]
+        chosen = {name: steps[name] for name in (DENSE_GEMM, OURS)}
+        medians = interleaved(chosen, max(args.reps - 2, 1), args.warmup)
+        dense, ours = medians[DENSE_GEMM], medians[OURS]
         print(f"| {value} | {dense * 1e3:.0f} ms | {ours * 1e3:.0f} ms | {ours / dense:.3f}x |")
 
 
@@ -570,6 +617,12 @@ def main() -> None:
         "--token-warmup", type=int, default=4, help="untimed steps of each `token` process"
     )
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument(
+        "--fresh-inputs",
+        type=int,
+        default=1,
+        help="`token`: cycle through this many inputs, so routing changes every step",
+    )
     parser.add_argument("--no-deepspeed", action="store_true")
     parser.add_argument("--naive", action="store_true", help="add the one-hot dispatch baseline")
     parser.add_argument("--unfused", action="store_true", help="add our unfused dispatch path")

@@ -128,6 +128,7 @@ def test_pretrain_writes_checkpoints_metrics_and_json(tmp_path: Path) -> None:
     state = json.loads((latest(run) / "trainer.json").read_text())
     assert state["step"] == 6 and set(state["streams"]) == {"cls", "ret", "cap", "mlm"}
     assert (run / "recipe.resolved.yaml").is_file() and (run / "env.json").is_file()
+    assert json.loads((run / "env.json").read_text())["cpu_gemm"] in ("onednn", "torch")
     assert any(k.startswith(("val/", "cls/")) for k in payload["metrics"])
 
 

@@ -76,6 +76,8 @@ from uniperceiver_cli.engine.eval_vocab import default_cache_dir as default_cach
 from uniperceiver_cli.engine.eval_vocab import (
     vocabulary_features_cached as vocabulary_features_cached,
 )
+from uniperceiver_cli.model.gemm import GemmBackend, resolve_backend
+from uniperceiver_cli.model.moe.token_linear import set_cpu_gemm
 from uniperceiver_cli.model.uniperceiver import UniPerceiver
 
 __all__ = [
@@ -173,6 +175,8 @@ def evaluate_tasks(
     if precision is None:
         precision = getattr(getattr(recipe, "runtime", None), "precision", "fp32")
     assert precision is not None
+    cpu_gemm: GemmBackend = getattr(getattr(recipe, "runtime", None), "cpu_gemm", "auto")
+    set_cpu_gemm(model, cpu_gemm)
     sha = checkpoint_sha256(checkpoint) if checkpoint is not None else None
     metadata: dict[str, Any] = {
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
@@ -185,6 +189,7 @@ def evaluate_tasks(
         },
         "device": str(dev),
         "precision": precision,
+        "cpu_gemm": resolve_backend(cpu_gemm) if dev.type == "cpu" else None,
         "versions": _versions(),
         "metric_scale": "fraction (papers print x100)",
     }

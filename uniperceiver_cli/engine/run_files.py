@@ -12,6 +12,7 @@ from typing import Any
 import torch
 
 from uniperceiver_cli.engine.runtime import Runtime
+from uniperceiver_cli.model.gemm import resolve_backend
 
 
 def resolve_run_dir(recipe: Any, output_dir: Path | None) -> Path:
@@ -54,5 +55,8 @@ def write_run_files(run_dir: Path, loaded: Any, runtime: Runtime, seed: int) -> 
         "recipe_sha256": hashlib.sha256(text.encode()).hexdigest(),
         "overrides": list(loaded.overrides),
         "malloc_tunables": os.environ.get("GLIBC_TUNABLES"),
+        "cpu_gemm": resolve_backend(loaded.recipe.runtime.cpu_gemm)
+        if runtime.device.type == "cpu"
+        else None,
     }
     (run_dir / "env.json").write_text(json.dumps(env, indent=2) + "\n", encoding="utf-8")

@@ -97,6 +97,7 @@ from uniperceiver_cli.engine.wrap import (
     wrap_parallel,
 )
 from uniperceiver_cli.model.moe.telemetry import MoEAux
+from uniperceiver_cli.model.moe.token_linear import set_cpu_gemm
 
 logger = logging.getLogger(__name__)
 
@@ -221,6 +222,7 @@ def _train(
 
     # --- model ---------------------------------------------------------------------------------------------
     model = build_run_model(recipe.model, task_names=task_names, prompt=prompt)
+    set_cpu_gemm(model, recipe.runtime.cpu_gemm)
     table: list[ParamRow] | None = None
     heads: dict[str, nn.Module] = {}
     if prompt is not None:

@@ -283,6 +283,11 @@ class RuntimeSpec(Section):
     threads: PositiveInt | None = Field(
         None, description="CPU threads for torch; default: torch's choice."
     )
+    cpu_gemm: Literal["auto", "onednn", "torch"] = Field(
+        "auto",
+        description="GEMM library of float32 CPU expert matmuls: auto = oneDNN where a one-off "
+        "timing finds it faster than torch's BLAS (docs/moe.md), onednn, or torch.",
+    )
 
 
 class PromptSpec(Section):

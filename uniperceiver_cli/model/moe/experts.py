@@ -17,6 +17,7 @@ import torch
 from torch import nn
 from torch.autograd.function import once_differentiable
 
+from uniperceiver_cli.model.gemm import GemmBackend, addmm, layer_backend, mm
 from uniperceiver_cli.model.moe.fused_dispatch import expert_row_multiple
 
 
@@ -171,20 +172,22 @@ class _GroupedLinear(torch.autograd.Function):
         bias: torch.Tensor | None,
         counts: tuple[int, ...],
         experts: tuple[int, ...],
+        gemm: GemmBackend,
     ) -> torch.Tensor:
         ctx.save_for_backward(x, weight)
         ctx.blocks = (counts, experts)  # type: ignore[attr-defined]
+        ctx.gemm = gemm  # type: ignore[attr-defined]
         ctx.has_bias = bias is not None  # type: ignore[attr-defined]
         out = x.new_empty((x.shape[0], weight.shape[1]))
-        multiple = expert_row_multiple(x)
+        multiple = expert_row_multiple(x, gemm)
         with torch.autocast(device_type=x.device.type, enabled=False):
             start = 0
             for n, e in zip(counts, experts, strict=True):
                 for rows in _row_pieces(start, n, multiple):
                     if bias is None:
-                        torch.mm(x[rows], weight[e].t(), out=out[rows])
+                        mm(x[rows], weight[e].t(), out=out[rows], backend=gemm)
                     else:
-                        torch.addmm(bias[e], x[rows], weight[e].t(), out=out[rows])
+                        addmm(bias[e], x[rows], weight[e].t(), out=out[rows], backend=gemm)
                 start += n
         return out
 
@@ -192,9 +195,10 @@ class _GroupedLinear(torch.autograd.Function):
     @once_differentiable
     def backward(
         ctx: torch.autograd.function.FunctionCtx, grad_out: torch.Tensor
-    ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None, None, None]:
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None, None, None, None]:
         x, weight = ctx.saved_tensors  # type: ignore[attr-defined]
         counts, experts = ctx.blocks  # type: ignore[attr-defined]
+        gemm: GemmBackend = ctx.gemm  # type: ignore[attr-defined]
         need_x, need_w, need_b = ctx.needs_input_grad[:3]  # type: ignore[attr-defined]
         need_b = need_b and ctx.has_bias  # type: ignore[attr-defined]
         grad_out = grad_out.contiguous()
@@ -202,19 +206,19 @@ class _GroupedLinear(torch.autograd.Function):
         grad_w = torch.empty_like(weight) if need_w else None
         grad_b = grad_out.new_zeros((weight.shape[0], weight.shape[1])) if need_b else None
         written: set[int] = set()
-        multiple = expert_row_multiple(x)
+        multiple = expert_row_multiple(x, gemm)
         with torch.autocast(device_type=x.device.type, enabled=False):
             start = 0
             for n, e in zip(counts, experts, strict=True):
                 for rows in _row_pieces(start, n, multiple):
                     g = grad_out[rows]
                     if grad_x is not None:
-                        torch.mm(g, weight[e], out=grad_x[rows])
+                        mm(g, weight[e], out=grad_x[rows], backend=gemm)
                     if grad_w is not None:
                         if e in written:
-                            grad_w[e].addmm_(g.t(), x[rows])
+                            grad_w[e] += mm(g.t(), x[rows], backend=gemm)
                         else:
-                            torch.mm(g.t(), x[rows], out=grad_w[e])
+                            mm(g.t(), x[rows], out=grad_w[e], backend=gemm)
                     if grad_b is not None:
                         grad_b[e] += g.sum(dim=0)
                     written.add(e)
@@ -225,7 +229,7 @@ class _GroupedLinear(torch.autograd.Function):
                 for e in range(weight.shape[0]):
                     if e not in written:
                         grad_w[e].zero_()
-        return grad_x, grad_w, grad_b, None, None
+        return grad_x, grad_w, grad_b, None, None, None
 
 
 def _row_pieces(start: int, n: int, multiple: int) -> list[slice]:
@@ -249,6 +253,7 @@ def grouped_linear(
     counts: Sequence[int],
     use_grouped_mm: bool = False,
     block_experts: Sequence[int] | None = None,
+    cpu_gemm: GemmBackend = "auto",
 ) -> torch.Tensor:
     """Apply expert e to its block of rows: rows are contiguous per block, blocks in order.
 
@@ -264,6 +269,7 @@ def grouped_linear(
             expert only).
         block_experts: expert index of every block, when blocks are not simply 0..E-1 (an
             expert may own several blocks, e.g. one per source rank under expert parallelism).
+        cpu_gemm: GEMM library of float32 CPU matmuls (`gemm.mm`: `auto`, `onednn`, `torch`).
 
     Returns:
         (M, Dout) outputs in the same row order.
@@ -288,7 +294,12 @@ def grouped_linear(
             out = out + bias.index_select(0, rows_expert)
         return out
     applied: torch.Tensor = _GroupedLinear.apply(  # type: ignore[no-untyped-call]
-        x_sorted, weight, bias, tuple(int(c) for c in counts), experts
+        x_sorted,
+        weight,
+        bias,
+        tuple(int(c) for c in counts),
+        experts,
+        layer_backend(cpu_gemm, weight, x_sorted.dtype),
     )
     return applied
 

@@ -16,6 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
+from uniperceiver_cli.model.gemm import ONEDNN_ROW_MULTIPLE, GemmBackend, layer_backend, mm
+
 __all__ = ["LOW_PRECISION_ROW_MULTIPLE", "dispatch_linear", "expert_row_multiple"]
 
 
@@ -157,6 +159,7 @@ class _DispatchLinear(torch.autograd.Function):
         counts: tuple[int, ...],
         row_chunk: int | None,
         row_multiple: int,
+        gemm: GemmBackend,
     ) -> torch.Tensor:
         dtype = x.dtype
         num_experts, dout, din = weight.shape
@@ -183,7 +186,7 @@ class _DispatchLinear(torch.autograd.Function):
                 start, size = layout.starts[e], layout.padded[e]
                 block = None if inputs is None else inputs[start : start + size]
                 xb = _gather_padded(x, src[first : first + n], size, block)
-                _block_matmul(xb, w, buffer[start : start + size], row_chunk)
+                _block_matmul(xb, w, buffer[start : start + size], row_chunk, gemm)
                 first += n
             scale = row_weights.to(dtype).new_zeros(out_slots.shape)
             k = scale.shape[1] // (2 if bias is not None else 1)
@@ -205,6 +208,7 @@ class _DispatchLinear(torch.autograd.Function):
         ctx.layout = layout  # type: ignore[attr-defined]
         ctx.num_in = x.shape[0]  # type: ignore[attr-defined]
         ctx.dtype = dtype  # type: ignore[attr-defined]
+        ctx.gemm = gemm  # type: ignore[attr-defined]
         # casts of the experts' weights, reused by backward (None: no cast happened)
         ctx.cast = tuple(cast) if weight.dtype != dtype else None  # type: ignore[attr-defined]
         return y
@@ -224,12 +228,14 @@ class _DispatchLinear(torch.autograd.Function):
         None,
         None,
         None,
+        None,
     ]:
         # rows_in: x (Dout > Din) or the gathered, padded inputs (Dout <= Din, when dW is needed)
         rows_in, weight, bias, row_weights, src, dest, outputs = ctx.saved_tensors  # type: ignore[attr-defined]
         layout: _Layout = ctx.layout  # type: ignore[attr-defined]
         num_in: int = ctx.num_in  # type: ignore[attr-defined]
         cast = ctx.cast  # type: ignore[attr-defined]
+        gemm: GemmBackend = ctx.gemm  # type: ignore[attr-defined]
         need_x, need_w, need_b, need_s = ctx.needs_input_grad[:4]  # type: ignore[attr-defined]
         need_b = need_b and bias is not None
         dtype: torch.dtype = ctx.dtype  # type: ignore[attr-defined]
@@ -271,21 +277,21 @@ class _DispatchLinear(torch.autograd.Function):
                         grad_s[rows] += torch.linalg.vecdot(g[:n], outputs[start : start + n])
                     g[:n].mul_(s_col)
                     if grad_w is not None:
-                        _mm_into(grad_w[e], g.t(), rows_in[start : start + size])
+                        _mm_into(grad_w[e], g.t(), rows_in[start : start + size], gemm)
                     if gx_out is not None:
-                        torch.mm(g, w, out=gx_out)
+                        mm(g, w, out=gx_out, backend=gemm)
                     continue
                 # Dout > Din: scale the input rows (width Din); dx is scaled when combined
                 xb = _gather_padded(rows_in, src[rows], size) if need_w or need_s else None
                 if gx_out is not None or grad_s is not None:
-                    gx = torch.mm(g, w) if gx_out is None else torch.mm(g, w, out=gx_out)
+                    gx = mm(g, w, out=gx_out, backend=gemm)
                     if grad_s is not None:
                         assert xb is not None
                         grad_s[rows] += torch.linalg.vecdot(gx[:n], xb[:n])
                 if grad_w is not None:
                     assert xb is not None
                     xb[:n].mul_(s_col)
-                    _mm_into(grad_w[e], g.t(), xb)
+                    _mm_into(grad_w[e], g.t(), xb, gemm)
             grad_b = None
             if bias is not None and need_b:
                 # db_e = Σ_r s_r g_r over expert e's rows: one weighted bag per expert
@@ -303,7 +309,7 @@ class _DispatchLinear(torch.autograd.Function):
                 grad_x = _combine(grads_in, in_slots, weights)
         if grad_s is not None:
             grad_s = grad_s.to(row_weights.dtype)
-        return grad_x, grad_w, grad_b, grad_s, None, None, None, None, None, None
+        return grad_x, grad_w, grad_b, grad_s, None, None, None, None, None, None, None
 
 
 def _widen(flat: torch.Tensor, k: int, width: int) -> torch.Tensor:
@@ -314,7 +320,11 @@ def _widen(flat: torch.Tensor, k: int, width: int) -> torch.Tensor:
 
 
 def _block_matmul(
-    x: torch.Tensor, weight: torch.Tensor, out: torch.Tensor, chunk: int | None
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    out: torch.Tensor,
+    chunk: int | None,
+    gemm: GemmBackend = "torch",
 ) -> None:
     """out = x Wᵀ, as one matmul or in matmuls of exactly `chunk` rows (x has a multiple).
 
@@ -325,7 +335,7 @@ def _block_matmul(
     wt = weight.t()
     for start in range(0, x.shape[0], step):
         rows = slice(start, start + step)
-        torch.mm(x[rows], wt, out=out[rows])
+        mm(x[rows], wt, out=out[rows], backend=gemm)
 
 
 def _gather_padded(
@@ -342,12 +352,12 @@ def _gather_padded(
     return out
 
 
-def _mm_into(dest: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+def _mm_into(dest: torch.Tensor, a: torch.Tensor, b: torch.Tensor, gemm: GemmBackend) -> None:
     """dest = a @ b, computed in the operands' dtype and written (cast) into `dest`."""
     if dest.dtype == a.dtype:
-        torch.mm(a, b, out=dest)
+        mm(a, b, out=dest, backend=gemm)
     else:
-        dest.copy_(torch.mm(a, b))
+        dest.copy_(mm(a, b, backend=gemm))
 
 
 def dispatch_linear(
@@ -361,6 +371,7 @@ def dispatch_linear(
     num_out: int,
     row_chunk: int | None = None,
     row_multiple: int | None = None,
+    cpu_gemm: GemmBackend = "auto",
 ) -> torch.Tensor:
     """y[dest[r]] += row_weights[r] * (x[src[r]] W_e^T + b_e) for rows r grouped by expert e.
 
@@ -384,9 +395,11 @@ def dispatch_linear(
             eval); None for the plain matmul.
         row_multiple: zero-pad every expert's block to a multiple of this many rows before its
             matmuls (the padding rows are discarded and add nothing to gradients). None picks
-            `LOW_PRECISION_ROW_MULTIPLE` for bfloat16/float16 on CPU, where oneDNN builds a
-            kernel per new matrix shape (~1.4 ms and fresh pages each time, and routing makes
-            new row counts every step), and 1 elsewhere.
+            `expert_row_multiple`: where oneDNN runs the matmuls on CPU (bfloat16/float16, and
+            float32 when `cpu_gemm` resolves to it) it builds a kernel per new matrix shape
+            (~0.1-1.4 ms and fresh pages each time), and routing makes new row counts every step;
+            1 elsewhere.
+        cpu_gemm: GEMM library of float32 CPU matmuls (`gemm.mm`: `auto`, `onednn`, `torch`).
 
     Returns:
         (R_out, Dout) in the compute dtype (the autocast dtype under autocast, else x's dtype);
@@ -396,6 +409,7 @@ def dispatch_linear(
     device_type = x.device.type
     if torch.is_autocast_enabled(device_type):
         x = x.to(torch.get_autocast_dtype(device_type))
+    gemm = layer_backend(cpu_gemm, weight, x.dtype)
     combined: torch.Tensor = _DispatchLinear.apply(  # type: ignore[no-untyped-call]
         x,
         weight,
@@ -406,7 +420,8 @@ def dispatch_linear(
         num_out,
         tuple(int(c) for c in counts),
         row_chunk,
-        expert_row_multiple(x) if row_multiple is None else row_multiple,
+        expert_row_multiple(x, gemm) if row_multiple is None else row_multiple,
+        gemm,
     )
     return combined
 
@@ -415,8 +430,17 @@ def dispatch_linear(
 LOW_PRECISION_ROW_MULTIPLE = 64
 
 
-def expert_row_multiple(x: torch.Tensor) -> int:
-    """Row granularity of expert matmuls for x's device and dtype (`dispatch_linear` padding)."""
-    if x.device.type == "cpu" and x.dtype in (torch.bfloat16, torch.float16):
+def expert_row_multiple(x: torch.Tensor, gemm: GemmBackend = "torch") -> int:
+    """Row granularity of expert matmuls for x's device and dtype (`dispatch_linear` padding).
+
+    Args:
+        x: rows in the compute dtype.
+        gemm: the layer's concrete float32 GEMM backend (`gemm.layer_backend`).
+    """
+    if x.device.type != "cpu":
+        return 1
+    if x.dtype in (torch.bfloat16, torch.float16):
         return LOW_PRECISION_ROW_MULTIPLE
+    if x.dtype == torch.float32 and gemm == "onednn":
+        return ONEDNN_ROW_MULTIPLE
     return 1

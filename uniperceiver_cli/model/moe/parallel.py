@@ -18,6 +18,7 @@ import torch.distributed as dist
 import torch.distributed.nn.functional as dist_nn
 from torch import nn
 
+from uniperceiver_cli.model.gemm import GemmBackend
 from uniperceiver_cli.model.moe.experts import ExpertWeights, grouped_linear
 from uniperceiver_cli.model.moe.layer import TokenRoutedLinear
 
@@ -73,6 +74,7 @@ def expert_parallel_linear(
     counts: torch.Tensor,
     experts: ExpertWeights,
     group: dist.ProcessGroup,
+    cpu_gemm: GemmBackend = "auto",
 ) -> torch.Tensor:
     """Apply globally indexed experts to expert-sorted rows, exchanging rows between ranks.
 
@@ -81,6 +83,7 @@ def expert_parallel_linear(
         counts: (E,) int64 rows per global expert (sum M).
         experts: this rank's shard of the experts.
         group: the expert-parallel group.
+        cpu_gemm: GEMM library of float32 CPU matmuls (`gemm.mm`).
 
     Returns:
         (M, Dout) outputs in the order of `rows`.
@@ -106,6 +109,7 @@ def expert_parallel_linear(
         experts.bias,
         block_counts,
         block_experts=[index % local for index in range(len(block_counts))],
+        cpu_gemm=cpu_gemm,
     )
     returned = processed.new_empty((rows.shape[0], experts.out_features))
     return _exchange(returned, processed, send_splits, recv_splits, group)

@@ -1,0 +1,179 @@
+"""The CPU float32 GEMM choice (`model.gemm`): oneDNN products equal torch's, fall back where
+they must, and the expert paths on oneDNN give the torch path's outputs and gradients."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from uniperceiver_cli.model import gemm
+from uniperceiver_cli.model.moe import set_cpu_gemm
+from uniperceiver_cli.model.moe.experts import grouped_linear
+from uniperceiver_cli.model.moe.fused_dispatch import dispatch_linear
+
+needs_onednn = pytest.mark.skipif(not gemm.onednn_available(), reason="no oneDNN in this torch")
+
+
+@pytest.fixture
+def onednn_calls(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[tuple[int, int, int]]]:
+    """Record (M, K, N) of every product that reaches oneDNN."""
+    calls: list[tuple[int, int, int]] = []
+    real = gemm._onednn_linear
+
+    def record(
+        x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        calls.append((x.shape[0], x.shape[1], weight.shape[0]))
+        return real(x, weight, bias)
+
+    monkeypatch.setattr(gemm, "_onednn_linear", record)
+    yield calls
+
+
+def _close(a: torch.Tensor, b: torch.Tensor) -> None:
+    torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4 * float(b.detach().abs().max()))
+
+
+@needs_onednn
+def test_onednn_mm_and_addmm_equal_torch(onednn_calls: list[tuple[int, int, int]]) -> None:
+    """Products on oneDNN equal torch.mm / torch.addmm, for transposed views and into slices."""
+    a, w = torch.randn(37, 64), torch.randn(48, 64)
+    bias = torch.randn(48)
+    _close(gemm.mm(a, w.t(), backend="onednn"), torch.mm(a, w.t()))
+    b = torch.randn(37, 20)
+    _close(gemm.mm(a.t(), b, backend="onednn"), torch.mm(a.t(), b))
+    buffer = torch.zeros(50, 48)
+    gemm.addmm(bias, a, w.t(), out=buffer[5:42], backend="onednn")
+    _close(buffer[5:42], torch.addmm(bias, a, w.t()))
+    assert buffer[:5].abs().sum() == 0 and buffer[42:].abs().sum() == 0
+    assert len(onednn_calls) == 3
+
+
+def test_mm_stays_on_torch_where_it_must(onednn_calls: list[tuple[int, int, int]]) -> None:
+    """bfloat16, tensors that need autograd, empty products and backend `torch` use torch.mm."""
+    a, b = torch.randn(8, 16), torch.randn(16, 4)
+    gemm.mm(a.bfloat16(), b.bfloat16(), backend="onednn")
+    gemm.mm(a.requires_grad_(), b, backend="onednn")
+    gemm.mm(torch.randn(0, 16), b, backend="onednn")
+    gemm.mm(a.detach(), b, backend="torch")
+    assert onednn_calls == []
+    assert gemm.mm(a, b, backend="onednn").requires_grad  # torch.mm kept the graph
+
+
+def test_resolve_backend(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Names are checked; `torch` is always torch; without oneDNN everything resolves to torch."""
+    with pytest.raises(ValueError, match="cpu_gemm must be one of auto, onednn, torch"):
+        gemm.resolve_backend("fast")  # type: ignore[arg-type]
+    assert gemm.resolve_backend("torch") == "torch"
+    assert gemm.resolve_backend("auto") == gemm.resolve_backend("auto")  # probed once
+    monkeypatch.setattr(gemm, "onednn_available", lambda: False)
+    gemm._onednn_wins.cache_clear()
+    try:
+        assert gemm.resolve_backend("onednn") == "torch"
+        assert gemm.resolve_backend("auto") == "torch"
+    finally:
+        gemm._onednn_wins.cache_clear()
+
+
+@needs_onednn
+def test_layer_backend_keeps_small_and_low_precision_layers_on_torch() -> None:
+    big, small = torch.empty(256, 256), torch.empty(4, 64, 128)
+    assert gemm.layer_backend("onednn", big, torch.float32) == "onednn"
+    assert gemm.layer_backend("onednn", small, torch.float32) == "torch"  # 64 x 128 < 2^16
+    assert gemm.layer_backend("onednn", big, torch.bfloat16) == "torch"
+    assert gemm.layer_backend("torch", big, torch.float32) == "torch"
+
+
+@needs_onednn
+def test_linear_equals_f_linear_with_gradients(onednn_calls: list[tuple[int, int, int]]) -> None:
+    """`gemm.linear` on oneDNN: forward and all three gradients equal F.linear's."""
+    x = torch.randn(2, 5, 256, requires_grad=True)
+    w = torch.randn(320, 256, requires_grad=True)
+    b = torch.randn(320, requires_grad=True)
+    y = gemm.linear(x, w, b, "onednn")
+    (y.square().sum()).backward()  # type: ignore[no-untyped-call]
+    grads = [t.grad for t in (x, w, b)]
+    for t in (x, w, b):
+        t.grad = None
+    ref = F.linear(x, w, b)
+    ref.square().sum().backward()  # type: ignore[no-untyped-call]
+    _close(y, ref)
+    for got, want in zip(grads, (x.grad, w.grad, b.grad), strict=True):
+        assert got is not None and want is not None
+        _close(got, want)
+    assert len(onednn_calls) == 3  # forward, dx, dW
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert gemm.linear(x, w, b, "onednn").dtype == torch.bfloat16  # autocast: F.linear
+
+
+def _routed_inputs(din: int, dout: int) -> tuple[list[torch.Tensor], list[int], torch.Tensor]:
+    gen = torch.Generator().manual_seed(3)
+    counts = [37, 0, 21, 50]
+    m = sum(counts)
+    x = torch.randn(40, din, generator=gen)
+    weight = torch.randn(4, dout, din, generator=gen) / din**0.5
+    bias = torch.randn(4, dout, generator=gen)
+    row_weights = torch.rand(m, generator=gen)
+    src = torch.randint(0, 40, (m,), generator=gen)
+    return [x, weight, bias, row_weights], counts, src
+
+
+@needs_onednn
+@pytest.mark.parametrize(("din", "dout"), [(256, 384), (384, 256)])
+def test_dispatch_linear_on_onednn_equals_torch_backend(
+    din: int, dout: int, onednn_calls: list[tuple[int, int, int]]
+) -> None:
+    """The fused node on oneDNN (blocks padded to 16 rows) gives the torch backend's outputs and
+    the gradients of x, weights, biases and combine weights, with both wide and narrow outputs."""
+    tensors, counts, src = _routed_inputs(din, dout)
+    dest = src.flip(0)
+    results = {}
+    for backend in ("torch", "onednn"):
+        leaves = [t.clone().requires_grad_() for t in tensors]
+        x, weight, bias, row_weights = leaves
+        y = dispatch_linear(x, weight, bias, counts, src, row_weights, dest, 40, cpu_gemm=backend)
+        y.square().sum().backward()  # type: ignore[no-untyped-call]
+        results[backend] = [y.detach(), *(t.grad for t in leaves)]
+    for got, want in zip(results["onednn"], results["torch"], strict=True):
+        assert got is not None and want is not None
+        _close(got, want)
+    assert len(onednn_calls) == 3 * 3  # forward, dx, dW of the three non-empty experts
+    rows = {m for m, k, n in onednn_calls if (k, n) in ((din, dout), (dout, din))}
+    assert rows and all(m % gemm.ONEDNN_ROW_MULTIPLE == 0 for m in rows), onednn_calls
+
+
+@needs_onednn
+def test_grouped_linear_on_onednn_equals_torch_backend(
+    onednn_calls: list[tuple[int, int, int]],
+) -> None:
+    """The unfused / expert-parallel path on oneDNN gives the torch backend's results."""
+    tensors, counts, _ = _routed_inputs(256, 256)
+    rows = torch.randn(sum(counts), 256)
+    results = {}
+    for backend in ("torch", "onednn"):
+        x = rows.clone().requires_grad_()
+        weight, bias = (t.clone().requires_grad_() for t in tensors[1:3])
+        y = grouped_linear(x, weight, bias, counts, cpu_gemm=backend)
+        y.square().sum().backward()  # type: ignore[no-untyped-call]
+        results[backend] = [y.detach(), x.grad, weight.grad, bias.grad]
+    for got, want in zip(results["onednn"], results["torch"], strict=True):
+        assert got is not None and want is not None
+        _close(got, want)
+    assert onednn_calls  # the products did reach oneDNN
+
+
+def test_set_cpu_gemm_sets_every_token_routed_linear() -> None:
+    from moe_helpers import tiny_config
+
+    from uniperceiver_cli.model.moe import TokenRoutedLinear, build_routed_linears
+
+    modules = torch.nn.ModuleDict(build_routed_linears(tiny_config(routing="token"), 0))
+    routed = [m for m in modules.modules() if isinstance(m, TokenRoutedLinear)]
+    assert routed and all(m.cpu_gemm == "auto" for m in routed)
+    assert set_cpu_gemm(modules, "torch") == len(routed)
+    assert all(m.cpu_gemm == "torch" for m in routed)
+    with pytest.raises(ValueError, match="cpu_gemm"):
+        set_cpu_gemm(modules, "blas")  # type: ignore[arg-type]
