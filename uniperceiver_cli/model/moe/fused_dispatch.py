@@ -245,6 +245,10 @@ class _DispatchLinear(torch.autograd.Function):
         din = weight.shape[2]
         grad_w = torch.empty_like(weight) if need_w else None
         grad_s = grad_y.new_empty(scale.shape) if need_s else None
+        # Dout > Din on oneDNN: the bias gradient comes out of the weight-gradient product
+        grad_b_rows = None
+        if need_b and need_w and not narrow_out and gemm == "onednn":
+            grad_b_rows = grad_y.new_zeros((weight.shape[0], weight.shape[1]))
         # input-gradient rows, expert-major and padded like the forward buffer
         grads_in = grad_y.new_empty((layout.total + 1, din)) if need_x else None
         if grads_in is not None:
@@ -288,12 +292,17 @@ class _DispatchLinear(torch.autograd.Function):
                     if grad_s is not None:
                         assert xb is not None
                         grad_s[rows] += torch.linalg.vecdot(gx[:n], xb[:n])
-                if grad_w is not None:
+                if grad_w is not None and gemm == "onednn":
+                    assert xb is not None
+                    _weight_grad_onednn(g, xb, scale[rows], grad_w[e], grad_b_rows, e)
+                elif grad_w is not None:
                     assert xb is not None
                     xb[:n].mul_(s_col)
                     _mm_into(grad_w[e], g.t(), xb, gemm)
             grad_b = None
-            if bias is not None and need_b:
+            if grad_b_rows is not None and bias is not None:
+                grad_b = grad_b_rows.to(bias.dtype)
+            elif bias is not None and need_b:
                 # db_e = Σ_r s_r g_r over expert e's rows: one weighted bag per expert
                 sums = F.embedding_bag(
                     dest, grad_y, layout.offsets, mode="sum", per_sample_weights=scale
@@ -310,6 +319,41 @@ class _DispatchLinear(torch.autograd.Function):
         if grad_s is not None:
             grad_s = grad_s.to(row_weights.dtype)
         return grad_x, grad_w, grad_b, grad_s, None, None, None, None, None, None, None
+
+
+def _weight_grad_onednn(
+    g: torch.Tensor,
+    xb: torch.Tensor,
+    s: torch.Tensor,
+    grad_w: torch.Tensor,
+    grad_b: torch.Tensor | None,
+    expert: int,
+) -> None:
+    """dW = gᵀ (s x) and db = gᵀ s of one block with one oneDNN product (Dout > Din).
+
+    oneDNN wants its input contiguous, so rather than letting it transpose the wide g (n', Dout)
+    the product runs on [(s x)ᵀ; sᵀ] (Din + 1, n'), which is narrow and carries the bias
+    gradient as one extra row: [(s x)ᵀ; sᵀ] g = [dWᵀ; dbᵀ].
+
+    Args:
+        g: (n', Dout) output-gradient rows (zero padding rows).
+        xb: (n', Din) input rows (zero padding rows).
+        s: (n,) combine weights of the block's routed rows.
+        grad_w: (Dout, Din) destination of dW.
+        grad_b: (E, Dout) bias gradients (row `expert` is written) or None.
+        expert: the block's expert.
+    """
+    n = s.shape[0]
+    size, din = xb.shape
+    rows = din + (1 if grad_b is not None else 0)
+    aug = xb.new_zeros((rows, size))
+    torch.mul(xb[:n].t(), s, out=aug[:din, :n])
+    if grad_b is not None:
+        aug[din, :n] = s
+    product = mm(aug, g, backend="onednn")  # (rows, Dout)
+    grad_w.copy_(product[:din].t())
+    if grad_b is not None:
+        grad_b[expert] = product[din]
 
 
 def _widen(flat: torch.Tensor, k: int, width: int) -> torch.Tensor:
