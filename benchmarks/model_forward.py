@@ -3,7 +3,9 @@
 Run: `python benchmarks/model_forward.py [--threads 2] [--repeats 5]`. Each preset encodes a batch of images
 (`[SPE; patches]`), backpropagates `features.sum()`, and reports tokens/s and achieved FLOP/s using PERF.md's
 count `L * [B*N*(8 D^2 + 4 D F) + 4 B N^2 D]` (x3 for forward+backward). The baseline is a `torch.mm` of the
-FFN-in shape (B*N, D) x (D, F) measured in the same run, so the ratio is robust to machine drift.
+FFN-in shape (B*N, D) x (D, F) measured in the same run, so the ratio is robust to machine drift. The step is
+also timed with every linear on torch's BLAS (`runtime.cpu_gemm: torch`) against the default (`auto`, oneDNN where
+it measures faster, docs/moe.md), interleaved.
 Set `GLIBC_TUNABLES=glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=68719476736` before starting Python for
 stable numbers (PERF.md).
 """
@@ -19,6 +21,7 @@ from collections.abc import Callable
 import torch
 
 from uniperceiver_cli.model.build import build_model
+from uniperceiver_cli.model.gemm import resolve_backend, set_cpu_gemm
 from uniperceiver_cli.model.presets import get_preset
 
 #: preset -> (batch, image side) of the benchmark workload.
@@ -57,11 +60,12 @@ def main() -> None:
     print(
         f"torch {torch.__version__}, threads {torch.get_num_threads()}, "
         f"GLIBC_TUNABLES={'set' if os.environ.get('GLIBC_TUNABLES') else 'unset'}, "
-        f"median of {args.repeats} after {args.warmup} warm-ups"
+        f"median of {args.repeats} after {args.warmup} warm-ups; cpu_gemm auto -> "
+        f"{resolve_backend('auto')}"
     )
     header = (
         f"{'preset':<7}{'batch':>6}{'tokens':>8}{'step s':>9}{'tokens/s':>11}"
-        f"{'GFLOP/s':>9}{'mm GFLOP/s':>12}{'ratio':>7}"
+        f"{'GFLOP/s':>9}{'mm GFLOP/s':>12}{'ratio':>7}{'BLAS step s':>13}{'speed-up':>10}"
     )
     print(header)
     for name in args.presets:
@@ -76,7 +80,19 @@ def main() -> None:
             out = model(task_type="image_classification", visual=images)
             out.features.sum().backward()
 
-        seconds = median_seconds(step, args.warmup, args.repeats)
+        times: dict[str, list[float]] = {"auto": [], "torch": []}
+        for backend in times:
+            set_cpu_gemm(model, backend)  # type: ignore[arg-type]
+            for _ in range(args.warmup):
+                step()
+        for _ in range(args.repeats):
+            for backend, spent in times.items():
+                set_cpu_gemm(model, backend)  # type: ignore[arg-type]
+                start = time.perf_counter()
+                step()
+                spent.append(time.perf_counter() - start)
+        seconds = statistics.median(times["auto"])
+        blas_seconds = statistics.median(times["torch"])
         flops = 3 * encoder_flops(cfg.num_layers, batch, tokens, cfg.hidden_size, cfg.ffn_size)
         a = torch.randn(batch * tokens, cfg.hidden_size)
         b = torch.randn(cfg.hidden_size, cfg.ffn_size)
@@ -88,6 +104,7 @@ def main() -> None:
         print(
             f"{name:<7}{batch:>6}{tokens:>8}{seconds:>9.3f}{batch * tokens / seconds:>11.0f}"
             f"{rate / 1e9:>9.1f}{mm_rate / 1e9:>12.1f}{rate / mm_rate:>7.2f}"
+            f"{blas_seconds:>13.3f}{blas_seconds / seconds:>9.2f}x"
         )
 
 

@@ -48,7 +48,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from uniperceiver_cli.model.config import ModelConfig, MoEConfig, RoutingStrategy
-from uniperceiver_cli.model.gemm import linear, resolve_backend
+from uniperceiver_cli.model.gemm import GemmLinear, linear, resolve_backend
 from uniperceiver_cli.model.moe import SegmentRoutedLinear, TokenRoutedLinear, build_routed_linears
 from uniperceiver_cli.model.moe.dispatch import DispatchPlan
 from uniperceiver_cli.model.moe.experts import INVARIANT_CHUNK
@@ -62,6 +62,7 @@ DENSE_GEMM = "dense FFN, same GEMM as ours"
 OURS = "ours: sort + grouped matmul"
 OURS_BLAS = "ours, torch's BLAS (as DeepSpeed)"
 DEEPSPEED = "DeepSpeed MoE"
+DENSE_LINEAR_GEMM = "dense linear, same GEMM as ours"
 UNFUSED = "ours, unfused (gather / grouped / combine)"
 NAIVE = "ours, one-hot (N, E, C) dispatch"
 
@@ -212,6 +213,8 @@ def bench_attribute(args: argparse.Namespace) -> None:
     assert isinstance(routed, SegmentRoutedLinear)
     routed.eval()
     dense = nn.Linear(args.dim, args.ffn).eval()
+    dense_gemm = GemmLinear(args.dim, args.ffn).eval()
+    dense_gemm.load_state_dict(dense.state_dict())
     cases = {
         "image (1 segment, 32 x 197)": (
             32,
@@ -239,12 +242,17 @@ def bench_attribute(args: argparse.Namespace) -> None:
             with torch.no_grad():
                 dense(x)
 
+        def run_dense_gemm(x: torch.Tensor = x) -> None:
+            with torch.no_grad():
+                dense_gemm(x)
+
         with torch.no_grad():
             y, _ = routed(x, routing)
         assert y.shape == (batch, routing.length, args.ffn)
         medians = interleaved(
             {
-                "dense nn.Linear": run_dense,
+                DENSE_LINEAR_GEMM: run_dense_gemm,
+                "dense nn.Linear (torch's BLAS)": run_dense,
                 "attribute-routed (eval, batch-invariant opt-in)": run_routed,
                 "attribute-routed (eval, default)": run_plain,
             },
@@ -252,9 +260,10 @@ def bench_attribute(args: argparse.Namespace) -> None:
             args.warmup + 2,
         )
         table(
-            f"attribute-routed linear at eval, {label}, D {args.dim} -> {args.ffn}, E 8, top-2",
+            f"attribute-routed linear at eval, {label}, D {args.dim} -> {args.ffn}, E 8, top-2; "
+            f"float32 GEMM: {resolve_backend('auto')}",
             medians,
-            "dense nn.Linear",
+            DENSE_LINEAR_GEMM,
         )
 
 

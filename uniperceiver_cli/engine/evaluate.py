@@ -76,8 +76,7 @@ from uniperceiver_cli.engine.eval_vocab import default_cache_dir as default_cach
 from uniperceiver_cli.engine.eval_vocab import (
     vocabulary_features_cached as vocabulary_features_cached,
 )
-from uniperceiver_cli.model.gemm import GemmBackend, resolve_backend
-from uniperceiver_cli.model.moe.token_linear import set_cpu_gemm
+from uniperceiver_cli.model.gemm import GemmBackend, resolve_backend, set_cpu_gemm
 from uniperceiver_cli.model.uniperceiver import UniPerceiver
 
 __all__ = [

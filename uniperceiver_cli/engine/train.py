@@ -96,8 +96,8 @@ from uniperceiver_cli.engine.wrap import (
     sync_ignored_grads,
     wrap_parallel,
 )
+from uniperceiver_cli.model.gemm import set_cpu_gemm
 from uniperceiver_cli.model.moe.telemetry import MoEAux
-from uniperceiver_cli.model.moe.token_linear import set_cpu_gemm
 
 logger = logging.getLogger(__name__)
 

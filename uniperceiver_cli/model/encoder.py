@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from uniperceiver_cli.model.config import ModelConfig
+from uniperceiver_cli.model.gemm import GemmLinear
 from uniperceiver_cli.model.layers import DropPath, attend, call_linear
 from uniperceiver_cli.model.routing import RoutingContext
 
@@ -137,11 +138,11 @@ class EncoderBlock(nn.Module):
                 f"unknown linear names {sorted(unknown)}; expected a subset of {LINEAR_NAMES}"
             )
         self.norm1 = nn.LayerNorm(d, eps=config.ln_eps)
-        self.qkv = given.get("qkv") or nn.Linear(d, 3 * d)
-        self.attn_out = given.get("attn_out") or nn.Linear(d, d)
+        self.qkv = given.get("qkv") or GemmLinear(d, 3 * d)
+        self.attn_out = given.get("attn_out") or GemmLinear(d, d)
         self.norm2 = nn.LayerNorm(d, eps=config.ln_eps)
-        self.ffn_in = given.get("ffn_in") or nn.Linear(d, f)
-        self.ffn_out = given.get("ffn_out") or nn.Linear(f, d)
+        self.ffn_in = given.get("ffn_in") or GemmLinear(d, f)
+        self.ffn_out = given.get("ffn_out") or GemmLinear(f, d)
         self.gamma_1 = nn.Parameter(torch.full((d,), config.layer_scale_init))
         self.gamma_2 = nn.Parameter(torch.full((d,), config.layer_scale_init))
         self.drop_path = DropPath(config.drop_path)

@@ -37,12 +37,14 @@ __all__ = [
     "ONEDNN_MIN_WEIGHT",
     "ONEDNN_ROW_MULTIPLE",
     "GemmBackend",
+    "GemmLinear",
     "addmm",
     "layer_backend",
     "linear",
     "mm",
     "onednn_available",
     "resolve_backend",
+    "set_cpu_gemm",
     "uses_onednn",
 ]
 
@@ -265,8 +267,9 @@ def linear(
 ) -> torch.Tensor:
     """Differentiable `F.linear` whose float32 CPU products go through `mm`.
 
-    Falls back to `F.linear` under autocast and for inputs that are not plain float32 CPU
-    tensors, so it can stand in for `F.linear` anywhere.
+    Falls back to `F.linear` under autocast, while tracing, compiling or exporting (the graph
+    then records a plain linear), and for inputs that are not plain float32 CPU tensors (tensor
+    subclasses such as FSDP2's DTensor included), so it can stand in for `F.linear` anywhere.
 
     Args:
         x: (..., Din).
@@ -279,13 +282,80 @@ def linear(
     """
     plain = (
         backend != "torch"
+        and _plain_tensor(x)
+        and _plain_tensor(weight)
+        and (bias is None or _plain_tensor(bias))
         and x.device.type == "cpu"
         and x.dtype == weight.dtype == torch.float32
         and (bias is None or bias.dtype == torch.float32)
         and not torch.is_autocast_enabled("cpu")
+        and not _tracing()
     )
     if not plain or layer_backend(backend, weight, x.dtype) == "torch":
         return torch.nn.functional.linear(x, weight, bias)
     flat = x.reshape(-1, x.shape[-1])
     out: torch.Tensor = _Linear.apply(flat, weight, bias, "onednn")  # type: ignore[no-untyped-call]
     return out.view(*x.shape[:-1], weight.shape[0])
+
+
+def _plain_tensor(t: torch.Tensor) -> bool:
+    """A plain tensor or parameter, not a subclass (DTensor, FakeTensor, functorch wrappers)."""
+    return type(t) in (torch.Tensor, torch.nn.Parameter)
+
+
+def _tracing() -> bool:
+    """Whether a tracer, compiler or exporter is recording this call."""
+    return bool(
+        torch.compiler.is_compiling()
+        or torch._C._get_tracing_state() is not None
+        or torch.onnx.is_in_onnx_export()
+    )
+
+
+class GemmLinear(torch.nn.Linear):
+    """`nn.Linear` whose float32 CPU products go through `linear` (oneDNN or torch's BLAS).
+
+    Same parameters, initialisation and state-dict keys as `nn.Linear`.
+
+    Attributes:
+        cpu_gemm: `auto`, `onednn` or `torch` (set from the recipe's `runtime.cpu_gemm`).
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = True,
+        device: torch.device | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__(in_features, out_features, bias, device, dtype)
+        self.cpu_gemm: GemmBackend = "auto"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(..., Din) -> (..., Dout)."""
+        return linear(x, self.weight, self.bias, self.cpu_gemm)
+
+
+def set_cpu_gemm(model: torch.nn.Module, backend: GemmBackend) -> int:
+    """Set the float32 CPU GEMM library of every linear in `model` that has one (`cpu_gemm`).
+
+    That is every `GemmLinear` and every routed MoE linear.
+
+    Args:
+        model: any module.
+        backend: `auto`, `onednn` or `torch`.
+
+    Returns:
+        How many modules were set.
+
+    Raises:
+        ValueError: for an unknown backend name.
+    """
+    resolve_backend(backend)  # validates the name (and runs the one-off probe for `auto`)
+    count = 0
+    for module in model.modules():
+        if hasattr(module, "cpu_gemm"):
+            setattr(module, "cpu_gemm", backend)  # noqa: B010 (any module kind that has one)
+            count += 1
+    return count

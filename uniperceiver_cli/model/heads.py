@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from uniperceiver_cli.model.config import ModelConfig
+from uniperceiver_cli.model.gemm import GemmLinear
 
 #: Which temperature each task type uses (SPEC §1.9, `MODEL.TEMP_NAME` of the released configs).
 TASK_LOGIT_SCALE: dict[str, str] = {
@@ -47,7 +48,7 @@ class SimilarityHead(nn.Module):
         super().__init__()
         d = config.hidden_size
         self.ln_post = nn.LayerNorm(d, eps=config.ln_eps)
-        self.proj = nn.Linear(d, d)
+        self.proj = GemmLinear(d, d)
         self.logit_scales = nn.ParameterDict(
             {
                 name: nn.Parameter(torch.tensor(config.logit_scale_init))

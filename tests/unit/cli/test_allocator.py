@@ -19,7 +19,9 @@ def _decide(args: list[str], **environ: str) -> dict[str, str] | None:
     return tuned_environment(args, {"PATH": "/bin", **environ}, "linux", "glibc")
 
 
-@pytest.mark.parametrize("command", ["pretrain", "finetune", "prompt-tune", "eval", "zero-shot", "export"])
+@pytest.mark.parametrize(
+    "command", ["pretrain", "finetune", "prompt-tune", "eval", "zero-shot", "export"]
+)
 def test_heavy_commands_get_the_tunables_and_keep_the_environment(command: str) -> None:
     env = _decide([command, "recipe.yaml", "--json"], RANK="1")
     assert env == {"PATH": "/bin", "RANK": "1", "GLIBC_TUNABLES": TUNED}

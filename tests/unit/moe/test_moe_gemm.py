@@ -10,7 +10,6 @@ import torch
 import torch.nn.functional as F
 
 from uniperceiver_cli.model import gemm
-from uniperceiver_cli.model.moe import set_cpu_gemm
 from uniperceiver_cli.model.moe.experts import grouped_linear
 from uniperceiver_cli.model.moe.fused_dispatch import dispatch_linear
 
@@ -165,15 +164,17 @@ def test_grouped_linear_on_onednn_equals_torch_backend(
     assert onednn_calls  # the products did reach oneDNN
 
 
-def test_set_cpu_gemm_sets_every_token_routed_linear() -> None:
+@pytest.mark.parametrize("routing", ["token", "attribute"])
+def test_set_cpu_gemm_sets_every_linear_that_has_one(routing: str) -> None:
     from moe_helpers import tiny_config
 
-    from uniperceiver_cli.model.moe import TokenRoutedLinear, build_routed_linears
+    from uniperceiver_cli.model.moe import build_routed_linears
 
-    modules = torch.nn.ModuleDict(build_routed_linears(tiny_config(routing="token"), 0))
-    routed = [m for m in modules.modules() if isinstance(m, TokenRoutedLinear)]
-    assert routed and all(m.cpu_gemm == "auto" for m in routed)
-    assert set_cpu_gemm(modules, "torch") == len(routed)
+    modules = torch.nn.ModuleDict(build_routed_linears(tiny_config(routing=routing), 0))
+    modules["dense"] = gemm.GemmLinear(8, 8)
+    routed = [m for m in modules.modules() if hasattr(m, "cpu_gemm")]
+    assert len(routed) == len(modules) and all(m.cpu_gemm == "auto" for m in routed)
+    assert gemm.set_cpu_gemm(modules, "torch") == len(routed)
     assert all(m.cpu_gemm == "torch" for m in routed)
     with pytest.raises(ValueError, match="cpu_gemm"):
-        set_cpu_gemm(modules, "blas")  # type: ignore[arg-type]
+        gemm.set_cpu_gemm(modules, "blas")  # type: ignore[arg-type]

@@ -19,7 +19,6 @@ from uniperceiver_cli.model.moe.layer import (
 )
 from uniperceiver_cli.model.moe.router import RoutingError, UnseenTaskError
 from uniperceiver_cli.model.moe.telemetry import MoEAux, SegmentRoute, total_aux_loss
-from uniperceiver_cli.model.moe.token_linear import set_cpu_gemm
 
 __all__ = [
     "FoldError",
@@ -35,7 +34,6 @@ __all__ = [
     "build_routed_linears",
     "fold",
     "fold_report",
-    "set_cpu_gemm",
     "total_aux_loss",
     "validate_moe_config",
 ]

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from uniperceiver_cli.model.config import MoEConfig, RoutingStrategy, Sublayer
+from uniperceiver_cli.model.gemm import GemmBackend
 from uniperceiver_cli.model.moe.experts import (
     INVARIANT_CHUNK,
     ExpertWeights,
@@ -39,6 +40,9 @@ class _RoutedLinear(nn.Module):
             merged weights) runs on fixed chunks of this many rows (`experts.chunked_linear`),
             so a token's output is bitwise the same whatever else is in the batch; None turns
             the mode off (plain matmuls, outputs then vary in the last bits with the batch).
+        cpu_gemm: GEMM library of this linear's float32 CPU matmuls (`gemm`: `auto` picks oneDNN
+            where it measures faster than torch's BLAS, `onednn`, `torch`); set from the
+            recipe's `runtime.cpu_gemm` by `gemm.set_cpu_gemm`.
     """
 
     def __init__(
@@ -66,6 +70,7 @@ class _RoutedLinear(nn.Module):
         # a tuple keeps the leader out of the module tree: its gate is registered once, there
         self._leader: tuple[_RoutedLinear, ...] = (leader,) if leader is not None else ()
         self.invariant_chunk: int | None = INVARIANT_CHUNK
+        self.cpu_gemm: GemmBackend = "auto"
 
     @property
     def leader(self) -> _RoutedLinear | None:

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from uniperceiver_cli.model.config import MoEConfig
+from uniperceiver_cli.model.gemm import linear
 from uniperceiver_cli.model.moe.dispatch import (
     select_top_k,
 )
@@ -260,7 +261,7 @@ class SegmentRoutedLinear(_RoutedLinear):
         elif len(runs) == 1:
             w, b = merged[runs[0][0]]
             if chunk is None:
-                y = nn.functional.linear(x, w, b)
+                y = linear(x, w, b, self.cpu_gemm)
             else:
                 rows = x.reshape(-1, self.in_features)
                 y = _invariant_linear(rows, w, b, chunk).view(*x.shape[:-1], self.out_features)
@@ -304,7 +305,7 @@ class SegmentRoutedLinear(_RoutedLinear):
         for key, start, end in runs:
             w, b = merged[key]
             rows = x[:, start:end].reshape(batch * (end - start), self.in_features)
-            out = nn.functional.linear(rows, w, b)
+            out = linear(rows, w, b, self.cpu_gemm)
             y[:, start:end] = out.view(batch, end - start, self.out_features)
         return y
 

@@ -14,7 +14,6 @@ from typing import TYPE_CHECKING
 import torch
 
 from uniperceiver_cli.model.config import MoEConfig
-from uniperceiver_cli.model.gemm import GemmBackend, resolve_backend
 from uniperceiver_cli.model.moe.dispatch import (
     DispatchPlan,
     combine_units,
@@ -90,9 +89,6 @@ class TokenRoutedLinear(_RoutedLinear):
         fused_dispatch: without expert parallelism or `use_grouped_mm`, run gather, experts and
             combine as one autograd node (`fused_dispatch.dispatch_linear`); False composes
             `gather_units`, `grouped_linear` and `combine_units` (same results, more memory).
-        cpu_gemm: GEMM library of the experts' float32 CPU matmuls (`gemm`: `auto` picks oneDNN
-            where it measures faster than torch's BLAS, `onednn`, `torch`); set from the
-            recipe's `runtime.cpu_gemm` by `set_cpu_gemm`.
     """
 
     def __init__(
@@ -123,7 +119,6 @@ class TokenRoutedLinear(_RoutedLinear):
         self.expert_group: ProcessGroup | None = None
         self.use_grouped_mm = False
         self.fused_dispatch = True
-        self.cpu_gemm: GemmBackend = "auto"
         self._memo: TokenRoute | None = None
 
     @property
@@ -363,25 +358,3 @@ def _same_padding(a: torch.Tensor | None, b: torch.Tensor | None) -> bool:
     if a is None or b is None:
         return False
     return a.shape == b.shape and bool(torch.equal(a, b))
-
-
-def set_cpu_gemm(model: torch.nn.Module, backend: GemmBackend) -> int:
-    """Set the float32 CPU GEMM library of every token/context-routed linear in `model`.
-
-    Args:
-        model: any module.
-        backend: `auto`, `onednn` or `torch` (`gemm.GemmBackend`).
-
-    Returns:
-        How many routed linears were set.
-
-    Raises:
-        ValueError: for an unknown backend name.
-    """
-    resolve_backend(backend)  # validates the name (and runs the one-off probe for `auto`)
-    count = 0
-    for module in model.modules():
-        if isinstance(module, TokenRoutedLinear):
-            module.cpu_gemm = backend
-            count += 1
-    return count
