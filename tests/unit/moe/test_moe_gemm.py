@@ -3,6 +3,7 @@ they must, and the expert paths on oneDNN give the torch path's outputs and grad
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterator
 
 import pytest
@@ -20,6 +21,7 @@ needs_onednn = pytest.mark.skipif(not gemm.onednn_available(), reason="no oneDNN
 def onednn_calls(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[tuple[int, int, int]]]:
     """Record (M, K, N) of every product that reaches oneDNN."""
     calls: list[tuple[int, int, int]] = []
+    gemm.resolve_backend("auto")  # the one-off probe runs before recording starts
     real = gemm._onednn_linear
 
     def record(
@@ -178,3 +180,56 @@ def test_set_cpu_gemm_sets_every_linear_that_has_one(routing: str) -> None:
     assert all(m.cpu_gemm == "torch" for m in routed)
     with pytest.raises(ValueError, match="cpu_gemm"):
         gemm.set_cpu_gemm(modules, "blas")  # type: ignore[arg-type]
+
+
+@needs_onednn
+def test_gemm_linear_is_an_nn_linear_on_onednn(onednn_calls: list[tuple[int, int, int]]) -> None:
+    """Same state-dict keys and values as nn.Linear; float32 CPU products reach oneDNN."""
+    plain = torch.nn.Linear(256, 256)
+    ours = gemm.GemmLinear(256, 256)
+    assert set(ours.state_dict()) == set(plain.state_dict())
+    ours.load_state_dict(plain.state_dict())
+    x = torch.randn(3, 7, 256)
+    _close(ours(x), plain(x))
+    assert onednn_calls == [(21, 256, 256)]
+    ours.cpu_gemm = "torch"
+    ours(x)
+    assert len(onednn_calls) == 1
+
+
+class _Subclass(torch.Tensor):
+    """A tensor subclass, as FSDP2's DTensor or a fake tensor would be."""
+
+
+@needs_onednn
+def test_linear_records_a_plain_linear_when_exported_or_given_subclasses(
+    onednn_calls: list[tuple[int, int, int]],
+) -> None:
+    layer = gemm.GemmLinear(256, 256)
+    x = torch.randn(4, 256)
+    exported = torch.export.export(layer, (x,))
+    assert "aten.linear" in str(exported.graph)
+    assert onednn_calls == []
+    _close(exported.module()(x), layer(x))
+    calls = len(onednn_calls)  # the eager call above
+    gemm.linear(x.as_subclass(_Subclass), layer.weight, layer.bias, "onednn")
+    assert len(onednn_calls) == calls
+
+
+@needs_onednn
+def test_model_runs_its_dense_linears_on_onednn(onednn_calls: list[tuple[int, int, int]]) -> None:
+    """A model wide enough for oneDNN sends its encoder linears there; features equal the torch
+    backend's within float32 rounding."""
+    from uniperceiver_cli.model.build import build_model
+    from uniperceiver_cli.model.presets import get_preset
+
+    config = dataclasses.replace(get_preset("tiny", image_size=32), hidden_size=256, ffn_size=512)
+    torch.manual_seed(0)
+    model = build_model(config).eval()
+    images = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        auto = model(task_type="image_classification", visual=images).features
+        assert onednn_calls, "no product reached oneDNN"
+        assert gemm.set_cpu_gemm(model, "torch") >= 4 * config.num_layers
+        blas = model(task_type="image_classification", visual=images).features
+    _close(auto, blas)
