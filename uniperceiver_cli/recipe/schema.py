@@ -285,7 +285,7 @@ class RuntimeSpec(Section):
     )
     cpu_gemm: Literal["auto", "onednn", "torch"] = Field(
         "auto",
-        description="GEMM library of float32 CPU expert matmuls: auto = oneDNN where a one-off "
+        description="Library of the model's float32 CPU matmuls: auto = oneDNN where a one-off "
         "timing finds it faster than torch's BLAS (docs/moe.md), onednn, or torch.",
     )
 
