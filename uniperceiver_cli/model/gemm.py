@@ -38,7 +38,6 @@ __all__ = [
     "ONEDNN_ROW_MULTIPLE",
     "GemmBackend",
     "GemmLinear",
-    "addmm",
     "layer_backend",
     "linear",
     "mm",
@@ -171,58 +170,30 @@ def mm(
     a: torch.Tensor,
     b: torch.Tensor,
     *,
+    bias: torch.Tensor | None = None,
     out: torch.Tensor | None = None,
     backend: GemmBackend = "torch",
 ) -> torch.Tensor:
-    """a @ b like `torch.mm`, on oneDNN when `uses_onednn` says so (no autograd there).
+    """a @ b (+ bias over every row) like `torch.mm` / `torch.addmm`, on oneDNN when
+    `uses_onednn` says so (no autograd there).
 
     Args:
         a: (M, K).
         b: (K, N).
+        bias: optional (N,).
         out: optional (M, N) destination (any dtype `copy_` accepts on the oneDNN path).
         backend: `torch`, `onednn` or `auto`.
 
     Returns:
         (M, N), `out` when given.
     """
-    if not uses_onednn(a, b, backend):
-        if out is None:
-            return torch.mm(a, b)
-        return torch.mm(a, b, out=out)
-    product = _onednn_linear(a, b.t())
-    if out is None:
-        return product
-    return out.copy_(product)
-
-
-def addmm(
-    bias: torch.Tensor,
-    a: torch.Tensor,
-    b: torch.Tensor,
-    *,
-    out: torch.Tensor | None = None,
-    backend: GemmBackend = "torch",
-) -> torch.Tensor:
-    """bias + a @ b (bias (N,) broadcast over rows) like `torch.addmm`, on oneDNN when chosen.
-
-    Args:
-        bias: (N,).
-        a: (M, K).
-        b: (K, N).
-        out: optional (M, N) destination.
-        backend: `torch`, `onednn` or `auto`.
-
-    Returns:
-        (M, N), `out` when given.
-    """
-    if not uses_onednn(a, b, backend) or bias.dtype != torch.float32 or bias.dim() != 1:
-        if out is None:
-            return torch.addmm(bias, a, b)
-        return torch.addmm(bias, a, b, out=out)
-    product = _onednn_linear(a, b.t(), bias.contiguous())
-    if out is None:
-        return product
-    return out.copy_(product)
+    plain_bias = bias is None or (bias.dtype == torch.float32 and bias.dim() == 1)
+    if not (plain_bias and uses_onednn(a, b, backend)):
+        if bias is None:
+            return torch.mm(a, b) if out is None else torch.mm(a, b, out=out)
+        return torch.addmm(bias, a, b) if out is None else torch.addmm(bias, a, b, out=out)
+    product = _onednn_linear(a, b.t(), None if bias is None else bias.contiguous())
+    return product if out is None else out.copy_(product)
 
 
 class _Linear(torch.autograd.Function):
@@ -239,9 +210,7 @@ class _Linear(torch.autograd.Function):
         ctx.save_for_backward(x, weight)
         ctx.backend = backend  # type: ignore[attr-defined]
         ctx.has_bias = bias is not None  # type: ignore[attr-defined]
-        if bias is None:
-            return mm(x, weight.t(), backend=backend)
-        return addmm(bias, x, weight.t(), backend=backend)
+        return mm(x, weight.t(), bias=bias, backend=backend)
 
     @staticmethod
     @once_differentiable

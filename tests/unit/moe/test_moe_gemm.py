@@ -40,14 +40,15 @@ def _close(a: torch.Tensor, b: torch.Tensor) -> None:
 
 @needs_onednn
 def test_onednn_mm_and_addmm_equal_torch(onednn_calls: list[tuple[int, int, int]]) -> None:
-    """Products on oneDNN equal torch.mm / torch.addmm, for transposed views and into slices."""
+    """Products on oneDNN equal torch.mm / torch.addmm (with a bias), for transposed views and
+    into slices."""
     a, w = torch.randn(37, 64), torch.randn(48, 64)
     bias = torch.randn(48)
     _close(gemm.mm(a, w.t(), backend="onednn"), torch.mm(a, w.t()))
     b = torch.randn(37, 20)
     _close(gemm.mm(a.t(), b, backend="onednn"), torch.mm(a.t(), b))
     buffer = torch.zeros(50, 48)
-    gemm.addmm(bias, a, w.t(), out=buffer[5:42], backend="onednn")
+    gemm.mm(a, w.t(), bias=bias, out=buffer[5:42], backend="onednn")
     _close(buffer[5:42], torch.addmm(bias, a, w.t()))
     assert buffer[:5].abs().sum() == 0 and buffer[42:].abs().sum() == 0
     assert len(onednn_calls) == 3

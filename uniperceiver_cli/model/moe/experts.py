@@ -17,7 +17,7 @@ import torch
 from torch import nn
 from torch.autograd.function import once_differentiable
 
-from uniperceiver_cli.model.gemm import GemmBackend, addmm, layer_backend, mm
+from uniperceiver_cli.model.gemm import GemmBackend, layer_backend, mm
 from uniperceiver_cli.model.moe.fused_dispatch import expert_row_multiple
 
 
@@ -184,10 +184,8 @@ class _GroupedLinear(torch.autograd.Function):
             start = 0
             for n, e in zip(counts, experts, strict=True):
                 for rows in _row_pieces(start, n, multiple):
-                    if bias is None:
-                        mm(x[rows], weight[e].t(), out=out[rows], backend=gemm)
-                    else:
-                        addmm(bias[e], x[rows], weight[e].t(), out=out[rows], backend=gemm)
+                    b = None if bias is None else bias[e]
+                    mm(x[rows], weight[e].t(), bias=b, out=out[rows], backend=gemm)
                 start += n
         return out
 
