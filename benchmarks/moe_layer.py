@@ -63,6 +63,7 @@ OURS = "ours: sort + grouped matmul"
 OURS_BLAS = "ours, torch's BLAS (as DeepSpeed)"
 DEEPSPEED = "DeepSpeed MoE"
 DENSE_LINEAR_GEMM = "dense linear, same GEMM as ours"
+DEEPSPEED_GEMM = "DeepSpeed MoE, experts on the same GEMM as ours"
 UNFUSED = "ours, unfused (gather / grouped / combine)"
 NAIVE = "ours, one-hot (N, E, C) dispatch"
 
@@ -155,7 +156,7 @@ def _token_worker(conn: Any, spec: dict[str, Any]) -> None:
             spec["top_k"],
             spec["capacity"],
             spec["dtype"],
-            with_deepspeed=name == DEEPSPEED,
+            with_deepspeed=name in (DEEPSPEED, DEEPSPEED_GEMM),
             with_naive=name == NAIVE,
             with_unfused=name == UNFUSED,
             fresh_inputs=spec["fresh_inputs"],
@@ -337,10 +338,17 @@ def deepspeed_moe_class() -> tuple[Any, str]:
     return cls, why
 
 
-def build_deepspeed(dim: int, ffn: int, experts: int, top_k: int, capacity: float) -> Any:
-    """DeepSpeed MoE with FFN experts of the same shape, its default gate settings."""
+def build_deepspeed(
+    dim: int, ffn: int, experts: int, top_k: int, capacity: float, same_gemm: bool = False
+) -> Any:
+    """DeepSpeed MoE with FFN experts of the same shape, its default gate settings.
+
+    `same_gemm` builds the experts from `GemmLinear`, so their float32 matmuls run on the
+    library ours picks (`runtime.cpu_gemm: auto`) instead of torch's BLAS.
+    """
     cls, _ = deepspeed_moe_class()
-    expert = nn.Sequential(nn.Linear(dim, ffn), nn.GELU(), nn.Linear(ffn, dim))
+    linear_cls = GemmLinear if same_gemm else nn.Linear
+    expert = nn.Sequential(linear_cls(dim, ffn), nn.GELU(), linear_cls(ffn, dim))
     return cls(
         hidden_size=dim,
         expert=expert,
@@ -434,15 +442,15 @@ def token_steps(
 
         steps[UNFUSED] = step(unfused_loss, [])
     if with_deepspeed:
-        ds = build_deepspeed(dim, ffn, experts, top_k, capacity)
-        ds_params = list(ds.parameters())
+        for name, same_gemm in ((DEEPSPEED, False), (DEEPSPEED_GEMM, True)):
+            ds = build_deepspeed(dim, ffn, experts, top_k, capacity, same_gemm)
 
-        def ds_loss(x: torch.Tensor) -> torch.Tensor:
-            y, l_aux, _ = ds(x)
-            loss: torch.Tensor = y.float().sum() + l_aux
-            return loss
+            def ds_loss(x: torch.Tensor, ds: Any = ds) -> torch.Tensor:
+                y, l_aux, _ = ds(x)
+                loss: torch.Tensor = y.float().sum() + l_aux
+                return loss
 
-        steps[DEEPSPEED] = step(ds_loss, ds_params)
+            steps[name] = step(ds_loss, list(ds.parameters()))
     if with_naive:
 
         def naive_loss(x: torch.Tensor) -> torch.Tensor:
@@ -462,7 +470,7 @@ def bench_token(args: argparse.Namespace) -> None:
     cls, why = deepspeed_moe_class() if not args.no_deepspeed else (None, "skipped by flag")
     names = [DENSE, DENSE_GEMM, OURS, OURS_BLAS]
     names += [UNFUSED] if args.unfused else []
-    names += [DEEPSPEED] if cls is not None else []
+    names += [DEEPSPEED, DEEPSPEED_GEMM] if cls is not None else []
     names += [NAIVE] if args.naive else []
     for dtype in args.dtypes:
         spec = {
@@ -488,6 +496,8 @@ def bench_token(args: argparse.Namespace) -> None:
                 f"; DeepSpeed / ours = {medians[DEEPSPEED] / medians[OURS]:.3f}x"
                 f"; DeepSpeed / ours on torch's BLAS = "
                 f"{medians[DEEPSPEED] / medians[OURS_BLAS]:.3f}x"
+                f"; DeepSpeed / ours, both on ours' GEMM = "
+                f"{medians[DEEPSPEED_GEMM] / medians[OURS]:.3f}x"
             )
         elif why:
             note += f"; {why}"
