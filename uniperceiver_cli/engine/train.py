@@ -63,6 +63,7 @@ from uniperceiver_cli.engine.run_files import write_run_files
 from uniperceiver_cli.engine.runtime import (
     Runtime,
     all_reduce_max,
+    broadcast_object,
     init_runtime,
     shutdown_runtime,
 )
@@ -96,7 +97,7 @@ from uniperceiver_cli.engine.wrap import (
     sync_ignored_grads,
     wrap_parallel,
 )
-from uniperceiver_cli.model.gemm import set_cpu_gemm
+from uniperceiver_cli.model.gemm import resolve_backend, set_cpu_gemm
 from uniperceiver_cli.model.moe.telemetry import MoEAux
 
 logger = logging.getLogger(__name__)
@@ -222,7 +223,8 @@ def _train(
 
     # --- model ---------------------------------------------------------------------------------------------
     model = build_run_model(recipe.model, task_names=task_names, prompt=prompt)
-    set_cpu_gemm(model, recipe.runtime.cpu_gemm)
+    # one matmul library on every rank: `auto` is decided by a timing, so rank 0 decides for all
+    set_cpu_gemm(model, broadcast_object(resolve_backend(recipe.runtime.cpu_gemm), runtime))
     table: list[ParamRow] | None = None
     heads: dict[str, nn.Module] = {}
     if prompt is not None:
