@@ -11,28 +11,13 @@ Run:
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
-from collections.abc import Callable
 
 import torch
+from moe_layer import interleaved  # this folder (run as a script)
 
 from uniperceiver_cli.model import gemm
 
 SHAPES = ((1024, 768, 3072), (1024, 3072, 768), (4096, 768, 768), (256, 512, 512))
-
-
-def median_ms(fns: dict[str, Callable[[], object]], reps: int) -> dict[str, float]:
-    """Median milliseconds of each function; every round runs all of them once, in turn."""
-    for fn in fns.values():
-        fn()
-    times: dict[str, list[float]] = {name: [] for name in fns}
-    for _ in range(reps):
-        for name, fn in fns.items():
-            start = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(ts) * 1e3 for name, ts in times.items()}
 
 
 def main() -> None:
@@ -59,13 +44,15 @@ def main() -> None:
             "weight grad gᵀ x": (g.t(), x),
         }
         for label, (a, b) in products.items():
-            medians = median_ms(
+            seconds = interleaved(
                 {
                     "torch": lambda a=a, b=b: torch.mm(a, b),
                     "onednn": lambda a=a, b=b: gemm.mm(a, b, backend="onednn"),
                 },
                 args.reps,
+                warmup=1,
             )
+            medians = {name: value * 1e3 for name, value in seconds.items()}
             m, k, n = a.shape[0], a.shape[1], b.shape[1]
             flops = 2 * m * k * n / (medians["onednn"] * 1e-3) / 1e9
             print(
