@@ -64,8 +64,12 @@ ONEDNN_MIN_WEIGHT = 1 << 16
 ONEDNN_ROW_MULTIPLE = 16
 
 
+@functools.cache
 def onednn_available() -> bool:
-    """Whether this torch build has the oneDNN float32 linear (`mkldnn::_linear_pointwise`)."""
+    """Whether this torch build has the oneDNN float32 linear (`mkldnn::_linear_pointwise`).
+
+    Cached: it is asked before every product on the oneDNN path.
+    """
     available = bool(torch.backends.mkldnn.is_available())  # type: ignore[no-untyped-call]
     return available and hasattr(torch.ops.mkldnn, "_linear_pointwise")
 
