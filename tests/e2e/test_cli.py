@@ -101,6 +101,19 @@ def test_training_commands_reject_bad_recipe(
     assert "schedule.max_steps" in result.output
 
 
+def test_training_command_json_reports_recipe_issues_on_stdout(runner: CliRunner) -> None:
+    """With --json a bad recipe value still exits 2, and stdout carries the problems as JSON."""
+    result = runner.invoke(app, ["pretrain", str(TINY), "--json", "--set", "runtime.cpu_gemm=fast"])
+    assert result.exit_code == ExitCode.USAGE
+    payload = json.loads(result.stdout)
+    assert payload["ok"] is False and payload["exit_code"] == ExitCode.USAGE
+    (issue,) = payload["issues"]
+    assert (
+        issue["field"] == "runtime.cpu_gemm" and "'auto', 'onednn' or 'torch'" in issue["message"]
+    )
+    assert issue["source"] == "--set runtime.cpu_gemm=fast"
+
+
 def test_recipe_for_another_command(runner: CliRunner) -> None:
     result = runner.invoke(app, ["finetune", str(TINY)])
     assert result.exit_code == ExitCode.USAGE

@@ -123,7 +123,7 @@ def evaluate(
         usage("give either a RECIPE or --task NAME, not both")
     loaded = None
     if recipe is not None:
-        loaded = load_or_exit(recipe, options.sets, "eval")
+        loaded = load_or_exit(recipe, options.sets, "eval", as_json=options.as_json)
         if checkpoint_arg is None and checkpoint is None:
             usage("eval RECIPE needs a CHECKPOINT argument")
     elif checkpoint is None:
@@ -301,7 +301,11 @@ def zero_shot(
         raise typer.Exit(ExitCode.USAGE)
     if recipe is not None and task is not None:
         usage("give either --recipe or --task, not both")
-    loaded = load_or_exit(recipe, options.sets, "zero_shot") if recipe is not None else None
+    loaded = (
+        load_or_exit(recipe, options.sets, "zero_shot", as_json=options.as_json)
+        if recipe is not None
+        else None
+    )
     if checkpoint is None:
         usage("zero-shot needs --checkpoint")
     _run_evaluation("zero_shot", loaded, task, checkpoint, options)

@@ -49,18 +49,30 @@ DryRunOption = Annotated[
 ]
 
 
-def load_or_exit(recipe: Path, sets: list[str] | None, command: str) -> LoadedRecipe:
+def load_or_exit(
+    recipe: Path, sets: list[str] | None, command: str, *, as_json: bool = False
+) -> LoadedRecipe:
     """Load and validate a recipe; on problems print the table and exit with code 2.
 
     Args:
         recipe: the recipe file.
         sets: `--set` overrides.
         command: the recipe command expected (`pretrain`, `prompt_tune`, ...).
+        as_json: also print the problems on stdout as JSON (the shape `validate --json` uses).
     """
     try:
         return load_recipe(recipe, sets or [], expected_command=command)
     except RecipeError as exc:
         print_issues(exc.file, exc.issues)
+        if as_json:
+            print_json(
+                {
+                    "ok": False,
+                    "exit_code": int(ExitCode.USAGE),
+                    "file": str(exc.file),
+                    "issues": [issue.to_dict() for issue in exc.issues],
+                }
+            )
         raise typer.Exit(ExitCode.USAGE) from None
 
 

@@ -101,7 +101,7 @@ def training_command(command: str, recipe_command: str, summary: str) -> Callabl
         dry_run: DryRunOption = False,
         as_json: JsonOption = False,
     ) -> None:
-        loaded = load_or_exit(recipe, sets, recipe_command)
+        loaded = load_or_exit(recipe, sets, recipe_command, as_json=as_json)
         _finish_recipe(loaded, output_dir, dry_run, as_json)
         if not engine_available("uniperceiver_cli.engine.train"):
             not_available(command, "the training engine", 6, as_json=as_json)
