@@ -14,6 +14,7 @@ import torch
 from moe_helpers import tiny_config
 from torch import nn
 
+from uniperceiver_cli.model import gemm
 from uniperceiver_cli.model.moe import SegmentRoutedLinear, TokenRoutedLinear, build_routed_linears
 from uniperceiver_cli.model.moe.experts import INVARIANT_CHUNK, chunked_linear
 from uniperceiver_cli.model.moe.fused_dispatch import dispatch_linear
@@ -125,6 +126,30 @@ def test_segment_eval_is_bitwise_batch_invariant(routing: str, dtype: str) -> No
     _assert_batch_invariant(lead, follow, None, dtype)
 
 
+@pytest.mark.skipif(not gemm.onednn_available(), reason="no oneDNN in this torch")
+@pytest.mark.parametrize("routing", ["token", "context", "attribute"])
+def test_eval_is_bitwise_batch_invariant_on_onednn(
+    routing: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The invariant mode keeps its promise when float32 products run on oneDNN."""
+    monkeypatch.setattr(gemm, "ONEDNN_MIN_WEIGHT", 0)  # the tiny layers qualify too
+    calls: list[int] = []
+    real = gemm._onednn_linear
+
+    def record(
+        x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        calls.append(x.shape[0])
+        return real(x, weight, bias)
+
+    monkeypatch.setattr(gemm, "_onednn_linear", record)
+    lead, follow = _pair(routing)
+    lead.invariant_chunk = follow.invariant_chunk = INVARIANT_CHUNK  # opt-in for attribute
+    lead.cpu_gemm = follow.cpu_gemm = "onednn"
+    _assert_batch_invariant(lead, follow, None, "fp32")
+    assert calls and set(calls) == {INVARIANT_CHUNK}, "every product is one full chunk on oneDNN"
+
+
 def test_mode_is_only_on_in_eval_without_grad() -> None:
     lead, _ = _pair("token")
     assert isinstance(lead, TokenRoutedLinear)
@@ -162,6 +187,27 @@ def test_chunked_linear_row_ignores_batch_position_and_alignment(
     view[3] = probe
     assert view.data_ptr() % 64 != 0
     assert torch.equal(chunked_linear(view, weight, bias, 32)[3], reference)
+
+
+@pytest.mark.skipif(not gemm.onednn_available(), reason="no oneDNN in this torch")
+def test_chunked_linear_on_onednn_ignores_batch_position_and_alignment() -> None:
+    din, dout = 256, 384  # wide enough for oneDNN (gemm.ONEDNN_MIN_WEIGHT)
+    weight, bias = torch.randn(dout, din), torch.randn(dout)
+    probe = torch.randn(din)
+    filler = torch.randn(300, din)
+    reference = chunked_linear(probe.unsqueeze(0), weight, bias, 32, "onednn")[0]
+    torch.testing.assert_close(
+        reference, nn.functional.linear(probe, weight, bias), atol=1e-4, rtol=1e-4
+    )
+    for rows, position in ((1, 0), (2, 1), (33, 32), (65, 7), (300, 299)):
+        batch = filler[:rows].clone()
+        batch[position] = probe
+        assert torch.equal(chunked_linear(batch, weight, bias, 32, "onednn")[position], reference)
+    storage = torch.empty(1 + 5 * din)
+    view = storage[1:].view(5, din)
+    view.copy_(filler[:5])
+    view[3] = probe
+    assert torch.equal(chunked_linear(view, weight, bias, 32, "onednn")[3], reference)
 
 
 def _dispatch_case(din: int, dout: int, bias: bool) -> tuple[torch.Tensor, ...]:

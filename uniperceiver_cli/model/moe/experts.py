@@ -314,6 +314,7 @@ def chunked_linear(
     weight: torch.Tensor,
     bias: torch.Tensor | None,
     chunk: int = INVARIANT_CHUNK,
+    cpu_gemm: GemmBackend = "torch",
 ) -> torch.Tensor:
     """x Wᵀ + b computed in fixed-size row chunks: each row's result ignores the other rows.
 
@@ -322,13 +323,15 @@ def chunked_linear(
     with the batch around it. Here the rows are zero-padded to a multiple of `chunk` (in a fresh,
     64-byte aligned buffer when needed) and every matmul has exactly `chunk` rows, so a row
     gives the same bits in any batch, at any position, in any call (same weights, dtype,
-    device and thread count).
+    device and thread count). On oneDNN (`cpu_gemm`, float32 CPU layers wide enough) the same
+    holds: each chunk is one product of exactly `chunk` rows, copied into place.
 
     Args:
         x: (R, Din) rows.
         weight: (Dout, Din).
         bias: (Dout,) or None.
         chunk: rows per matmul (C).
+        cpu_gemm: GEMM library of float32 CPU products (`gemm.mm`: `auto`, `onednn`, `torch`).
 
     Returns:
         (R, Dout) in x's dtype.
@@ -342,10 +345,8 @@ def chunked_linear(
         x = padded
     out = x.new_empty((size, weight.shape[0]))
     wt = weight.t()
+    gemm = layer_backend(cpu_gemm, weight, x.dtype)
     for start in range(0, size, chunk):
         block = slice(start, start + chunk)
-        if bias is None:
-            torch.mm(x[block], wt, out=out[block])
-        else:
-            torch.addmm(bias, x[block], wt, out=out[block])
+        mm(x[block], wt, bias=bias, out=out[block], backend=gemm)
     return out[:rows]

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from uniperceiver_cli.model.config import MoEConfig
-from uniperceiver_cli.model.gemm import linear
+from uniperceiver_cli.model.gemm import GemmBackend, linear
 from uniperceiver_cli.model.moe.dispatch import (
     select_top_k,
 )
@@ -264,7 +264,8 @@ class SegmentRoutedLinear(_RoutedLinear):
                 y = linear(x, w, b, self.cpu_gemm)
             else:
                 rows = x.reshape(-1, self.in_features)
-                y = _invariant_linear(rows, w, b, chunk).view(*x.shape[:-1], self.out_features)
+                y = _invariant_linear(rows, w, b, chunk, self.cpu_gemm)
+                y = y.view(*x.shape[:-1], self.out_features)
         else:
             y = self._segment_matmuls(x, runs, merged, chunk)
         if self.leader is not None:
@@ -291,7 +292,7 @@ class SegmentRoutedLinear(_RoutedLinear):
             for key, start, end in runs:
                 w, b = merged[key]
                 rows = x[:, start:end].reshape(batch * (end - start), self.in_features)
-                out = _invariant_linear(rows, w, b, chunk)
+                out = _invariant_linear(rows, w, b, chunk, self.cpu_gemm)
                 parts.append(out.view(batch, end - start, self.out_features))
             return torch.cat(parts, dim=1)
         if torch.is_autocast_enabled(x.device.type):
@@ -355,7 +356,11 @@ class SegmentRoutedLinear(_RoutedLinear):
 
 
 def _invariant_linear(
-    rows: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, chunk: int
+    rows: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    chunk: int,
+    cpu_gemm: GemmBackend,
 ) -> torch.Tensor:
     """`chunked_linear` with the operand casts `F.linear` would get under autocast: (R, Dout)."""
     device_type = rows.device.type
@@ -364,4 +369,4 @@ def _invariant_linear(
         rows, weight = rows.to(dtype), weight.to(dtype)
         bias = None if bias is None else bias.to(dtype)
     with torch.autocast(device_type=device_type, enabled=False):
-        return chunked_linear(rows, weight, bias, chunk)
+        return chunked_linear(rows, weight, bias, chunk, cpu_gemm)
