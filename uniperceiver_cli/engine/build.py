@@ -73,6 +73,7 @@ def moe_config(spec: Any, num_layers: int, task_names: Sequence[str]) -> MoEConf
         task_names=tuple(task_names),
         unseen_task=spec.unseen_task,
         fallback_task=spec.fallback_task,
+        expert_ffn=spec.expert_ffn,
     )
 
 

@@ -7,6 +7,7 @@ Recipes (`uniperceiver_cli.recipe`) are converted into these dataclasses in one 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -54,6 +55,10 @@ class MoEConfig:
         task_names: tasks known to the task router, in embedding-row order.
         unseen_task: what the task router does with a task not in `task_names`.
         fallback_task: the task whose routing an unseen task borrows when `unseen_task == "fallback"`.
+        expert_ffn: token/context routing with `ffn_in` and `ffn_out` routed: expert e's two
+            linears form one FFN (GELU inside the expert) and the K expert FFN outputs are mixed
+            once (GShard, V-MoE, DeepSpeed); False mixes after each linear, as the reference
+            (SPEC §2.5-§2.6).
     """
 
     routing: RoutingStrategy = "attribute"
@@ -74,6 +79,34 @@ class MoEConfig:
     task_names: tuple[str, ...] = ()
     unseen_task: UnseenTaskPolicy = "error"
     fallback_task: str | None = None
+    expert_ffn: bool = False
+
+
+def expert_ffn_problems(
+    routing: object, sublayers: Sequence[object], expert_parallel_size: int
+) -> list[str]:
+    """What stops `expert_ffn: true` (the model build and the recipe check share these rules).
+
+    Returns:
+        One message per problem, each starting with the field it is about; empty when none.
+    """
+    problems: list[str] = []
+    if routing not in ("token", "context"):
+        problems.append(
+            f"expert_ffn (true) needs routing token or context, not {routing!r} (segment-constant "
+            "routing merges expert weights, which is exact only for linear experts)"
+        )
+    missing = [s for s in ("ffn_in", "ffn_out") if s not in sublayers]
+    if missing:
+        problems.append(
+            f"expert_ffn (true) needs ffn_in and ffn_out in sublayers (missing {missing})"
+        )
+    if expert_parallel_size > 1:
+        problems.append(
+            f"expert_ffn (true) does not run with expert_parallel_size {expert_parallel_size} yet; "
+            "set expert_parallel_size to 1 or expert_ffn to false"
+        )
+    return problems
 
 
 @dataclass(frozen=True)

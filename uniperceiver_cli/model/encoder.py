@@ -18,6 +18,7 @@ from torch import Tensor, nn
 from uniperceiver_cli.model.config import ModelConfig
 from uniperceiver_cli.model.gemm import GemmLinear
 from uniperceiver_cli.model.layers import DropPath, attend, call_linear
+from uniperceiver_cli.model.moe.token_linear import TokenRoutedLinear
 from uniperceiver_cli.model.routing import RoutingContext
 
 LINEAR_NAMES: tuple[str, ...] = ("qkv", "attn_out", "ffn_in", "ffn_out")
@@ -143,6 +144,13 @@ class EncoderBlock(nn.Module):
         self.norm2 = nn.LayerNorm(d, eps=config.ln_eps)
         self.ffn_in = given.get("ffn_in") or GemmLinear(d, f)
         self.ffn_out = given.get("ffn_out") or GemmLinear(f, d)
+        # whole-FFN experts (moe.expert_ffn): ffn_in and ffn_out run as one routed FFN
+        self.expert_ffn = (
+            config.moe is not None
+            and config.moe.expert_ffn
+            and isinstance(self.ffn_in, TokenRoutedLinear)
+            and isinstance(self.ffn_out, TokenRoutedLinear)
+        )
         self.gamma_1 = nn.Parameter(torch.full((d,), config.layer_scale_init))
         self.gamma_2 = nn.Parameter(torch.full((d,), config.layer_scale_init))
         self.drop_path = DropPath(config.drop_path)
@@ -208,8 +216,14 @@ class EncoderBlock(nn.Module):
         o = o.transpose(1, 2).reshape(b, n, d)
         o = call_linear(self.attn_out, o, routing, aux)
         x = x + self.drop_path(self.gamma_1 * o)
-        f = call_linear(self.ffn_in, self.norm2(x), routing, aux)
-        f = call_linear(self.ffn_out, F.gelu(f), routing, aux)
+        if self.expert_ffn:
+            assert isinstance(self.ffn_in, TokenRoutedLinear)
+            assert isinstance(self.ffn_out, TokenRoutedLinear)
+            f, ffn_aux = self.ffn_in.expert_ffn(self.norm2(x), self.ffn_out, routing)
+            aux.append(ffn_aux)
+        else:
+            f = call_linear(self.ffn_in, self.norm2(x), routing, aux)
+            f = call_linear(self.ffn_out, F.gelu(f), routing, aux)
         x = x + self.drop_path(self.gamma_2 * f)
         return x, aux
 

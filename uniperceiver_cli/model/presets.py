@@ -120,6 +120,7 @@ def model_config_from_spec(
             task_names=tuple(task_names),
             unseen_task=moe_spec.unseen_task,
             fallback_task=moe_spec.fallback_task,
+            expert_ffn=moe_spec.expert_ffn,
         )
     prompt_cfg = None
     if prompt is not None:

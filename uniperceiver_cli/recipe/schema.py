@@ -12,6 +12,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import Field
 
+from uniperceiver_cli.model.config import expert_ffn_problems
 from uniperceiver_cli.recipe.base import (
     NonNegativeFloat,
     NonNegativeInt,
@@ -117,6 +118,12 @@ class MoESpec(Section):
     fallback_task: str | None = Field(
         None, description="Task whose routing an unseen task borrows."
     )
+    expert_ffn: bool = Field(
+        False,
+        description="Token/context routing with ffn_in and ffn_out routed: each expert's two linears "
+        "form one FFN (GELU inside the expert) and the experts' outputs are mixed once, after "
+        "ffn_out (as GShard, V-MoE and DeepSpeed); false mixes after each linear, as the reference.",
+    )
 
     @classmethod
     def cross_field_problems(cls, values: Mapping[str, Any]) -> list[str]:
@@ -139,6 +146,10 @@ class MoESpec(Section):
                 f"expert_parallel_size ({ep:g}) > 1 needs routing token or context, not {routing!r} "
                 "(segment-constant routing merges weights and has no dispatch)"
             )
+        if values.get("expert_ffn") is True:
+            sublayers = values.get("sublayers", ["qkv", "attn_out", "ffn_in", "ffn_out"])
+            listed = sublayers if isinstance(sublayers, list) else []
+            problems.extend(expert_ffn_problems(routing, listed, int(ep or 1)))
         if values.get("unseen_task") == "fallback" and values.get("fallback_task") is None:
             problems.append("unseen_task ('fallback') needs fallback_task to name a task")
         layers = values.get("layers")

@@ -109,6 +109,7 @@ def test_model_config_from_spec_duck_typed() -> None:
         expert_parallel_size=1,
         unseen_task="error",
         fallback_task=None,
+        expert_ffn=False,
     )
     spec = SimpleNamespace(
         preset="small",

@@ -141,6 +141,12 @@ CASES: list[tuple[str, str, list[str], list[tuple[str, int | str]]]] = [
         [],
         [("model.moe.expert_parallel_size", 11)],
     ),
+    (
+        "expert_ffn_needs_token_routing",
+        _with(10, "    top_k: 2\n    expert_ffn: true"),
+        [],
+        [("model.moe.expert_ffn", 11)],
+    ),
     ("syntax_error", _with(6, "  preset: [tiny"), [], [("", 7)]),
 ]
 

@@ -324,10 +324,11 @@ class _DispatchLinear(torch.autograd.Function):
 def _weight_grad_onednn(
     g: torch.Tensor,
     xb: torch.Tensor,
-    s: torch.Tensor,
+    s: torch.Tensor | None,
     grad_w: torch.Tensor,
     grad_b: torch.Tensor | None,
     expert: int,
+    n: int | None = None,
 ) -> None:
     """dW = gᵀ (s x) and db = gᵀ s of one block with one oneDNN product (Dout > Din).
 
@@ -338,18 +339,23 @@ def _weight_grad_onednn(
     Args:
         g: (n', Dout) output-gradient rows (zero padding rows).
         xb: (n', Din) input rows (zero padding rows).
-        s: (n,) combine weights of the block's routed rows.
+        s: (n,) combine weights of the block's routed rows, or None for weights of 1.
         grad_w: (Dout, Din) destination of dW.
         grad_b: (E, Dout) bias gradients (row `expert` is written) or None.
         expert: the block's expert.
+        n: the block's routed rows when `s` is None.
     """
-    n = s.shape[0]
+    n = s.shape[0] if s is not None else n
+    assert n is not None, "give the row count when s is None"
     size, din = xb.shape
     rows = din + (1 if grad_b is not None else 0)
     aug = xb.new_zeros((rows, size))
-    torch.mul(xb[:n].t(), s, out=aug[:din, :n])
+    if s is None:
+        aug[:din, :n] = xb[:n].t()
+    else:
+        torch.mul(xb[:n].t(), s, out=aug[:din, :n])
     if grad_b is not None:
-        aug[din, :n] = s
+        aug[din, :n] = 1 if s is None else s
     product = mm(aug, g, backend="onednn")  # (rows, Dout)
     grad_w.copy_(product[:din].t())
     if grad_b is not None:

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from uniperceiver_cli.model.config import ModelConfig
+from uniperceiver_cli.model.config import ModelConfig, expert_ffn_problems
 from uniperceiver_cli.model.moe.routed import SHARED_PAIRS, SharedDecisionError
 from uniperceiver_cli.model.moe.router import (
     AttributeRouter,
@@ -88,6 +88,10 @@ def validate_moe_config(config: ModelConfig) -> None:
             f"moe.expert_parallel_size={moe.expert_parallel_size} needs token or context routing "
             f"(got {moe.routing!r}); segment routing merges weights and keeps all experts local"
         )
+    if moe.expert_ffn:
+        problems = expert_ffn_problems(moe.routing, moe.sublayers, moe.expert_parallel_size)
+        if problems:
+            raise MoEConfigError("; ".join(f"moe.{p}" for p in problems))
     if moe.capacity_factor <= 0 or (
         moe.eval_capacity_factor is not None and moe.eval_capacity_factor <= 0
     ):

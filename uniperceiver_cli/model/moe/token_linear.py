@@ -22,6 +22,7 @@ from uniperceiver_cli.model.moe.dispatch import (
     plan_dispatch,
     select_top_k,
 )
+from uniperceiver_cli.model.moe.expert_ffn import expert_ffn
 from uniperceiver_cli.model.moe.experts import (
     grouped_linear,
 )
@@ -196,25 +197,36 @@ class TokenRoutedLinear(_RoutedLinear):
             cpu_gemm=self.cpu_gemm,
         )
 
-    def _dispatch(self, x: torch.Tensor, route: TokenRoute) -> torch.Tensor:
-        """Local experts, gather and weighted combine as one fused node: (B, L, Din) -> (B, L, Dout).
+    def _routed_rows(self, route: TokenRoute) -> tuple[torch.Tensor, list[int], torch.Tensor]:
+        """Flat (B * L) token row, per-expert counts and combine weight of every routed row.
 
-        Works on the flat (B * L) token rows: routed rows read and write their token's row
-        directly, so padding positions (token routing) stay zero without a final scatter.
+        Returns:
+            (M,) int64 rows, expert-major; E counts (sum M); (M,) combine weights.
         """
         plan = route.plan
-        batch, length = route.batch_shape
+        length = route.batch_shape[1]
         row_weights = plan.weights.reshape(-1).index_select(0, plan.order)  # (M,)
         units = plan.units  # (M,)
         if self.context:
             # every position of the sample goes to the sample's experts
             offsets = torch.arange(length, device=units.device)
             rows = (units.unsqueeze(1) * length + offsets).reshape(-1)
-            row_weights = row_weights.repeat_interleave(length)
-            counts = [c * length for c in plan.counts.tolist()]
-        else:
-            rows = units if route.valid_index is None else route.valid_index.index_select(0, units)
-            counts = plan.counts.tolist()
+            return (
+                rows,
+                [c * length for c in plan.counts.tolist()],
+                row_weights.repeat_interleave(length),
+            )
+        rows = units if route.valid_index is None else route.valid_index.index_select(0, units)
+        return rows, plan.counts.tolist(), row_weights
+
+    def _dispatch(self, x: torch.Tensor, route: TokenRoute) -> torch.Tensor:
+        """Local experts, gather and weighted combine as one fused node: (B, L, Din) -> (B, L, Dout).
+
+        Works on the flat (B * L) token rows: routed rows read and write their token's row
+        directly, so padding positions (token routing) stay zero without a final scatter.
+        """
+        batch, length = route.batch_shape
+        rows, counts, row_weights = self._routed_rows(route)
         y = dispatch_linear(
             x.reshape(batch * length, self.in_features),
             self.experts.weight,
@@ -242,14 +254,8 @@ class TokenRoutedLinear(_RoutedLinear):
             (B, L, Dout) outputs (zero at padding positions under token routing; dropped tokens
             get zero from dropped assignments) and the aux record (None for a follower).
         """
-        self._check_input(x, routing)
+        padding = self._checked_padding(x, routing)
         batch, length, _ = x.shape
-        padding = routing.padding
-        if padding is not None and tuple(padding.shape) != (batch, length):
-            raise RoutingError(
-                f"RoutingContext.padding must be (B, L) = {(batch, length)}, "
-                f"got {tuple(padding.shape)}"
-            )
         stats: dict[str, torch.Tensor] = {}
         lead = self.leader
         if lead is None:
@@ -294,6 +300,63 @@ class TokenRoutedLinear(_RoutedLinear):
         if lead is not None:
             return y, None
         return y, self._aux(routing, route, stats, padding)
+
+    def _checked_padding(self, x: torch.Tensor, routing: RoutingContext) -> torch.Tensor | None:
+        """Check the input and return the (B, L) padding mask of the call (or None)."""
+        self._check_input(x, routing)
+        batch, length, _ = x.shape
+        padding = routing.padding
+        if padding is not None and tuple(padding.shape) != (batch, length):
+            raise RoutingError(
+                f"RoutingContext.padding must be (B, L) = {(batch, length)}, "
+                f"got {tuple(padding.shape)}"
+            )
+        return padding
+
+    def expert_ffn(
+        self, x: torch.Tensor, second: TokenRoutedLinear, routing: RoutingContext
+    ) -> tuple[torch.Tensor, MoEAux]:
+        """Whole-FFN experts (`moe.expert_ffn`): this gate owner (`ffn_in`) and `second` (its
+        follower `ffn_out`) as E FFNs, W2_e GELU(W1_e x + b1_e) + b2_e, mixed once per token.
+
+        Args:
+            x: (B, L, D) inputs (the block's normalised hidden states).
+            second: the follower linear (F -> D) whose experts are the FFNs' second layers.
+            routing: segments covering the L positions, the task and optional padding.
+
+        Returns:
+            (B, L, D) outputs (zero at padding positions under token routing; dropped tokens get
+            zero from dropped assignments) and this layer's aux record.
+
+        Raises:
+            SharedDecisionError: when `second` does not follow this linear.
+            RoutingError: with expert parallelism (not supported in this mode).
+        """
+        if self.leader is not None or second.leader is not self:
+            raise SharedDecisionError(
+                f"expert FFNs pair a gate owner with its follower; layers.{self.layer_index}."
+                f"{self.sublayer} and layers.{second.layer_index}.{second.sublayer} are not one"
+            )
+        if self.expert_group is not None or second.expert_group is not None:
+            raise RoutingError("expert FFNs (moe.expert_ffn) do not run with expert parallelism")
+        padding = self._checked_padding(x, routing)
+        batch, length, _ = x.shape
+        route, stats = self.route(x, padding)
+        self._memo = route
+        rows, counts, row_weights = self._routed_rows(route)
+        y = expert_ffn(
+            x.reshape(batch * length, self.in_features),
+            self.experts.weight,
+            self.experts.bias,
+            second.experts.weight,
+            second.experts.bias,
+            counts,
+            rows,
+            row_weights,
+            row_chunk=self.row_chunk(),
+            cpu_gemm=self.cpu_gemm,
+        )
+        return y.view(batch, length, second.out_features), self._aux(routing, route, stats, padding)
 
     def _aux(
         self,
