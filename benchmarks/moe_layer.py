@@ -12,7 +12,9 @@ Parts (all by default, or pick with --parts):
   F (FLOP floor K) and against DeepSpeed's `deepspeed.moe.layer.MoE` with the same D, F, E, K and
   capacity factor (optional dependency: the column is skipped with a note when it does not
   import), in float32 and in bfloat16 autocast. `--naive` adds a GShard-style dense (N, E, C)
-  one-hot dispatch of the same routing.
+  one-hot dispatch of the same routing. The "expert FFNs" candidates run the opt-in
+  `moe.expert_ffn` mode (each expert a whole FFN, mixed once after `ffn_out`): the function
+  DeepSpeed's layer computes, unlike the default per-linear mixing (SPEC §2.5-§2.6).
 * `experts`: token-routed FFN time against dense for E = 1, 2, 4, ..., 64.
 * `tokens`: the same for N = 1k ... 16k tokens.
 
@@ -48,7 +50,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from uniperceiver_cli.model.config import ModelConfig, MoEConfig, RoutingStrategy
-from uniperceiver_cli.model.gemm import GemmLinear, linear, resolve_backend
+from uniperceiver_cli.model.gemm import GemmBackend, GemmLinear, linear, resolve_backend
 from uniperceiver_cli.model.moe import SegmentRoutedLinear, TokenRoutedLinear, build_routed_linears
 from uniperceiver_cli.model.moe.dispatch import DispatchPlan
 from uniperceiver_cli.model.moe.experts import INVARIANT_CHUNK
@@ -61,6 +63,8 @@ DENSE = "dense FFN"
 DENSE_GEMM = "dense FFN, same GEMM as ours"
 OURS = "ours: sort + grouped matmul"
 OURS_BLAS = "ours, torch's BLAS (as DeepSpeed)"
+OURS_FFN = "ours, expert FFNs mixed once (moe.expert_ffn, DeepSpeed's function)"
+OURS_FFN_BLAS = "ours, expert FFNs, torch's BLAS"
 DEEPSPEED = "DeepSpeed MoE"
 DENSE_LINEAR_GEMM = "dense linear, same GEMM as ours"
 DEEPSPEED_GEMM = "DeepSpeed MoE, experts on the same GEMM as ours"
@@ -272,7 +276,7 @@ def bench_attribute(args: argparse.Namespace) -> None:
 
 
 def token_ffn(
-    dim: int, ffn: int, experts: int, top_k: int, capacity: float
+    dim: int, ffn: int, experts: int, top_k: int, capacity: float, expert_ffn: bool = False
 ) -> tuple[TokenRoutedLinear, TokenRoutedLinear]:
     """`ffn_in` and `ffn_out` of one token-routed layer (training mode)."""
     moe = MoEConfig(
@@ -282,6 +286,7 @@ def token_ffn(
         layers=(0,),
         sublayers=("ffn_in", "ffn_out"),
         capacity_factor=capacity,
+        expert_ffn=expert_ffn,
     )
     config = ModelConfig(hidden_size=dim, num_heads=1, ffn_size=ffn, num_layers=1, moe=moe)
     modules = build_routed_linears(config, 0)
@@ -425,11 +430,23 @@ def token_steps(
         finally:
             ffn_in.cpu_gemm = ffn_out.cpu_gemm = "auto"
 
+    torch.manual_seed(0)
+    pair_in, pair_out = token_ffn(dim, ffn, experts, top_k, capacity, expert_ffn=True)
+    pair_params = [*pair_in.parameters(), *pair_out.parameters()]
+
+    def expert_ffn_loss(x: torch.Tensor, gemm: GemmBackend = "auto") -> torch.Tensor:
+        pair_in.cpu_gemm = gemm
+        y, aux = pair_in.expert_ffn(x, pair_out, routing)
+        total: torch.Tensor = y.float().sum() + aux.loss
+        return total
+
     steps: dict[str, Step] = {
         DENSE: step(dense_loss, []),
         DENSE_GEMM: step(dense_gemm_loss, []),
         OURS: step(moe_loss, []),
         OURS_BLAS: step(blas_loss, []),
+        OURS_FFN: step(expert_ffn_loss, pair_params),
+        OURS_FFN_BLAS: step(lambda x: expert_ffn_loss(x, "torch"), pair_params),
     }
     if with_unfused:
 
@@ -468,7 +485,7 @@ def token_steps(
 def bench_token(args: argparse.Namespace) -> None:
     """Token-routed FFN against dense and DeepSpeed, float32 and bf16 autocast."""
     cls, why = deepspeed_moe_class() if not args.no_deepspeed else (None, "skipped by flag")
-    names = [DENSE, DENSE_GEMM, OURS, OURS_BLAS]
+    names = [DENSE, DENSE_GEMM, OURS, OURS_BLAS, OURS_FFN, OURS_FFN_BLAS]
     names += [UNFUSED] if args.unfused else []
     names += [DEEPSPEED, DEEPSPEED_GEMM] if cls is not None else []
     names += [NAIVE] if args.naive else []
@@ -489,7 +506,8 @@ def bench_token(args: argparse.Namespace) -> None:
             f"FLOP floor vs dense: K = {args.top_k}; one process per candidate; "
             f"{args.fresh_inputs} input(s) in turn; ours' float32 GEMM: "
             f"{resolve_backend('auto')}; ours / dense on the same GEMM = "
-            f"{medians[OURS] / medians[DENSE_GEMM]:.3f}x"
+            f"{medians[OURS] / medians[DENSE_GEMM]:.3f}x; expert FFNs / dense on the same GEMM = "
+            f"{medians[OURS_FFN] / medians[DENSE_GEMM]:.3f}x"
         )
         if DEEPSPEED in medians:
             note += (
@@ -498,6 +516,10 @@ def bench_token(args: argparse.Namespace) -> None:
                 f"{medians[DEEPSPEED] / medians[OURS_BLAS]:.3f}x"
                 f"; DeepSpeed / ours, both on ours' GEMM = "
                 f"{medians[DEEPSPEED_GEMM] / medians[OURS]:.3f}x"
+                f"; same function (expert FFNs): DeepSpeed / ours = "
+                f"{medians[DEEPSPEED] / medians[OURS_FFN]:.3f}x, both on torch's BLAS "
+                f"{medians[DEEPSPEED] / medians[OURS_FFN_BLAS]:.3f}x, both on ours' GEMM "
+                f"{medians[DEEPSPEED_GEMM] / medians[OURS_FFN]:.3f}x"
             )
         elif why:
             note += f"; {why}"
