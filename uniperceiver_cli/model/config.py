@@ -82,9 +82,7 @@ class MoEConfig:
     expert_ffn: bool = False
 
 
-def expert_ffn_problems(
-    routing: object, sublayers: Sequence[object], expert_parallel_size: int
-) -> list[str]:
+def expert_ffn_problems(routing: object, sublayers: Sequence[object]) -> list[str]:
     """What stops `expert_ffn: true` (the model build and the recipe check share these rules).
 
     Returns:
@@ -100,11 +98,6 @@ def expert_ffn_problems(
     if missing:
         problems.append(
             f"expert_ffn (true) needs ffn_in and ffn_out in sublayers (missing {missing})"
-        )
-    if expert_parallel_size > 1:
-        problems.append(
-            f"expert_ffn (true) does not run with expert_parallel_size {expert_parallel_size} yet; "
-            "set expert_parallel_size to 1 or expert_ffn to false"
         )
     return problems
 

@@ -149,7 +149,7 @@ class MoESpec(Section):
         if values.get("expert_ffn") is True:
             sublayers = values.get("sublayers", ["qkv", "attn_out", "ffn_in", "ffn_out"])
             listed = sublayers if isinstance(sublayers, list) else []
-            problems.extend(expert_ffn_problems(routing, listed, int(ep or 1)))
+            problems.extend(expert_ffn_problems(routing, listed))
         if values.get("unseen_task") == "fallback" and values.get("fallback_task") is None:
             problems.append("unseen_task ('fallback') needs fallback_task to name a task")
         layers = values.get("layers")

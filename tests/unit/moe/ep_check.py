@@ -22,7 +22,7 @@ ROUTING = RoutingContext("caption", input_segments("image_caption", visual_len=4
 
 
 def _pair(
-    routing: str, capacity: float | None, top_k: int, world: int
+    routing: str, capacity: float | None, top_k: int, world: int, expert_ffn: bool
 ) -> tuple[TokenRoutedLinear, TokenRoutedLinear]:
     torch.manual_seed(0)
     config = tiny_config(
@@ -33,6 +33,7 @@ def _pair(
         capacity_factor=capacity or 1.0,
         eval_capacity_factor=capacity,
         expert_parallel_size=world,
+        expert_ffn=expert_ffn,
     )
     modules = build_routed_linears(config, 0)
     lead, follow = modules["ffn_in"], modules["ffn_out"]
@@ -41,15 +42,21 @@ def _pair(
 
 
 def _loss(
-    lead: nn.Module, follow: nn.Module, x: torch.Tensor, rank: int
+    lead: TokenRoutedLinear, follow: TokenRoutedLinear, x: torch.Tensor, rank: int, expert_ffn: bool
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    y, aux = lead(x, ROUTING)
-    out, _ = follow(F.gelu(y), ROUTING)
+    if expert_ffn:
+        out, aux = lead.expert_ffn(x, follow, ROUTING)
+    else:
+        y, aux = lead(x, ROUTING)
+        out, _ = follow(F.gelu(y), ROUTING)
+    assert aux is not None
     target = torch.randn(out.shape, generator=torch.Generator().manual_seed(50 + rank))
     return out, (out * target).sum() + aux.loss
 
 
-def check_expert_parallel(routing: str, capacity: float | None, top_k: int = 2) -> None:
+def check_expert_parallel(
+    routing: str, capacity: float | None, top_k: int = 2, expert_ffn: bool = False
+) -> None:
     """Compare this rank's expert-parallel outputs and gradients with a single-process run.
 
     Every rank first runs the full (unsharded) pair on the inputs of all ranks, then the sharded
@@ -60,6 +67,7 @@ def check_expert_parallel(routing: str, capacity: float | None, top_k: int = 2) 
         routing: "token" or "context".
         capacity: capacity factor (training and eval), or None for dropless eval capacity.
         top_k: K.
+        expert_ffn: run the pair as whole-FFN experts (`moe.expert_ffn`).
 
     Raises:
         AssertionError: on any mismatch.
@@ -70,21 +78,21 @@ def check_expert_parallel(routing: str, capacity: float | None, top_k: int = 2) 
         torch.randn(B, L, 16, generator=torch.Generator().manual_seed(100 + r)).requires_grad_()
         for r in range(world)
     ]
-    lead, follow = _pair(routing, capacity, top_k, world)
+    lead, follow = _pair(routing, capacity, top_k, world, expert_ffn)
     outs = []
     total = torch.zeros(())
     for r, x in enumerate(inputs):
-        out, loss = _loss(lead, follow, x, r)
+        out, loss = _loss(lead, follow, x, r, expert_ffn)
         outs.append(out.detach())
         total = total + loss
     total.backward()  # type: ignore[no-untyped-call]
 
-    ep_lead, ep_follow = _pair(routing, capacity, top_k, world)
+    ep_lead, ep_follow = _pair(routing, capacity, top_k, world, expert_ffn)
     assert shard_experts(nn.ModuleDict({"a": ep_lead, "b": ep_follow})) == 2
     assert ep_lead.experts.num_local == local_experts
     assert ep_lead.experts.first_expert == local_experts * rank
     x = inputs[rank].detach().clone().requires_grad_()
-    out, loss = _loss(ep_lead, ep_follow, x, rank)
+    out, loss = _loss(ep_lead, ep_follow, x, rank, expert_ffn)
     loss.backward()  # type: ignore[no-untyped-call]
     torch.testing.assert_close(out, outs[rank], atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(x.grad, inputs[rank].grad, atol=1e-5, rtol=1e-5)

@@ -1,7 +1,7 @@
 """Worker launched by `torchrun --nproc-per-node 2` in `test_moe_parallel.py`.
 
 Runs `check_expert_parallel` for token and context routing, top-1 and top-2, with and without
-capacity drops, on the gloo backend, and writes `rank<r>.json` into the folder given as the only
+capacity drops (and whole-FFN experts, top-2 with drops), on the gloo backend, and writes `rank<r>.json` into the folder given as the only
 argument; any mismatch raises and fails the launch.
 """
 
@@ -28,6 +28,8 @@ def main() -> None:
                 for capacity in (None, 0.5):
                     check_expert_parallel(routing, capacity, top_k)
                     passed.append(f"{routing}/k{top_k}/{capacity or 'dropless'}")
+            check_expert_parallel(routing, 0.5, 2, expert_ffn=True)
+            passed.append(f"{routing}/expert_ffn/k2/0.5")
         rank, world = dist.get_rank(), dist.get_world_size()
         backend = str(dist.get_backend())
         dist.barrier()

@@ -84,10 +84,6 @@ def test_encoder_style_call_collects_aux() -> None:
             "expert_ffn \\(true\\) needs routing token or context",
         ),
         ({"routing": "token", "expert_ffn": True, "sublayers": ("ffn_in",)}, "missing"),
-        (
-            {"routing": "token", "expert_ffn": True, "expert_parallel_size": 2},
-            "expert_ffn \\(true\\) does not run with expert_parallel_size",
-        ),
     ],
 )
 def test_config_errors_are_explicit(fields: dict[str, object], message: str) -> None:

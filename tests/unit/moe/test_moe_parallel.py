@@ -34,6 +34,7 @@ def _worker(rank: int, init_file: str) -> None:
         for routing in ("token", "context"):
             for capacity in (None, 0.5):
                 check_expert_parallel(routing, capacity)
+                check_expert_parallel(routing, capacity, expert_ffn=True)
     finally:
         dist.barrier()
         dist.destroy_process_group()
@@ -67,10 +68,12 @@ def test_torchrun_expert_parallel_matches_single_process(tmp_path: Path) -> None
         pytest.fail(f"torchrun did not finish within 120 s: {err}")
     assert done.returncode == 0, f"torchrun failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
     expected = [
-        f"{routing}/k{k}/{capacity}"
+        name
         for routing in ("token", "context")
-        for k in (1, 2)
-        for capacity in ("dropless", 0.5)
+        for name in (
+            *(f"{routing}/k{k}/{capacity}" for k in (1, 2) for capacity in ("dropless", 0.5)),
+            f"{routing}/expert_ffn/k2/0.5",
+        )
     ]
     for rank in range(WORLD):
         report = json.loads((tmp_path / f"rank{rank}.json").read_text())

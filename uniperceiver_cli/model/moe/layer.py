@@ -89,7 +89,7 @@ def validate_moe_config(config: ModelConfig) -> None:
             f"(got {moe.routing!r}); segment routing merges weights and keeps all experts local"
         )
     if moe.expert_ffn:
-        problems = expert_ffn_problems(moe.routing, moe.sublayers, moe.expert_parallel_size)
+        problems = expert_ffn_problems(moe.routing, moe.sublayers)
         if problems:
             raise MoEConfigError("; ".join(f"moe.{p}" for p in problems))
     if moe.capacity_factor <= 0 or (

@@ -16,6 +16,7 @@ from typing import cast
 import torch
 import torch.distributed as dist
 import torch.distributed.nn.functional as dist_nn
+import torch.nn.functional as F
 from torch import nn
 
 from uniperceiver_cli.model.gemm import GemmBackend
@@ -88,8 +89,43 @@ def expert_parallel_linear(
     Returns:
         (M, Dout) outputs in the order of `rows`.
     """
+    return _expert_parallel(rows, counts, (experts,), group, cpu_gemm)
+
+
+def expert_parallel_ffn(
+    rows: torch.Tensor,
+    counts: torch.Tensor,
+    first: ExpertWeights,
+    second: ExpertWeights,
+    group: dist.ProcessGroup,
+    cpu_gemm: GemmBackend = "auto",
+) -> torch.Tensor:
+    """`expert_parallel_linear` for whole-FFN experts (`moe.expert_ffn`): W2 GELU(W1 x + b1) + b2.
+
+    Args:
+        rows: (M, D) this rank's rows, sorted by global expert id.
+        counts: (E,) int64 rows per global expert (sum M).
+        first: this rank's shard of the first-layer experts (D -> F).
+        second: the same shard of the second-layer experts (F -> D).
+        group: the expert-parallel group.
+        cpu_gemm: GEMM library of float32 CPU matmuls (`gemm.mm`).
+
+    Returns:
+        (M, D) expert outputs (second-layer bias included, not yet weighted) in the order of `rows`.
+    """
+    return _expert_parallel(rows, counts, (first, second), group, cpu_gemm)
+
+
+def _expert_parallel(
+    rows: torch.Tensor,
+    counts: torch.Tensor,
+    layers: tuple[ExpertWeights, ...],
+    group: dist.ProcessGroup,
+    cpu_gemm: GemmBackend,
+) -> torch.Tensor:
+    """Send rows to the ranks owning their experts, apply `layers` (GELU between), send back."""
     world = dist.get_world_size(group)
-    local = experts.num_local
+    local = layers[0].num_local
     assert counts.numel() == world * local, (
         f"expected {world * local} expert counts, got {counts.numel()}"
     )
@@ -103,15 +139,20 @@ def expert_parallel_linear(
     received = _exchange(received, rows.contiguous(), recv_splits, send_splits, group)
     # received rows: source-major, then local expert
     block_counts = recv_counts.tolist()
-    processed = grouped_linear(
-        received,
-        experts.weight,
-        experts.bias,
-        block_counts,
-        block_experts=[index % local for index in range(len(block_counts))],
-        cpu_gemm=cpu_gemm,
-    )
-    returned = processed.new_empty((rows.shape[0], experts.out_features))
+    block_experts = [index % local for index in range(len(block_counts))]
+    processed = received
+    for i, experts in enumerate(layers):
+        if i:
+            processed = F.gelu(processed)
+        processed = grouped_linear(
+            processed,
+            experts.weight,
+            experts.bias,
+            block_counts,
+            block_experts=block_experts,
+            cpu_gemm=cpu_gemm,
+        )
+    returned = processed.new_empty((rows.shape[0], layers[-1].out_features))
     return _exchange(returned, processed, send_splits, recv_splits, group)
 
 

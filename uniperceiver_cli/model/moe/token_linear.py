@@ -288,18 +288,24 @@ class TokenRoutedLinear(_RoutedLinear):
         units = self._units(x, route)
         rows = gather_units(units, route.plan)
         out_sorted = self._run_experts(rows, route.plan, tokens)
-        y_units = combine_units(out_sorted, route.plan, tokens)  # (U, T, Dout)
-        if self.context:
-            y = y_units
-        elif route.valid_index is None:
-            y = y_units.view(batch, length, self.out_features)
-        else:
-            y = y_units.new_zeros((batch * length, self.out_features))
-            y = y.index_copy(0, route.valid_index, y_units[:, 0])
-            y = y.view(batch, length, self.out_features)
+        y = self._combined(out_sorted, route)
         if lead is not None:
             return y, None
         return y, self._aux(routing, route, stats, padding)
+
+    def _combined(self, out_sorted: torch.Tensor, route: TokenRoute) -> torch.Tensor:
+        """Weighted combine of expert-sorted outputs (M, Dout) into (B, L, Dout) token order."""
+        batch, length = route.batch_shape
+        tokens = length if self.context else 1
+        y_units = combine_units(out_sorted, route.plan, tokens)  # (U, T, Dout)
+        width = y_units.shape[-1]
+        if self.context:
+            return y_units
+        if route.valid_index is None:
+            return y_units.view(batch, length, width)
+        y = y_units.new_zeros((batch * length, width))
+        y = y.index_copy(0, route.valid_index, y_units[:, 0])
+        return y.view(batch, length, width)
 
     def _checked_padding(self, x: torch.Tensor, routing: RoutingContext) -> torch.Tensor | None:
         """Check the input and return the (B, L) padding mask of the call (or None)."""
@@ -330,19 +336,34 @@ class TokenRoutedLinear(_RoutedLinear):
 
         Raises:
             SharedDecisionError: when `second` does not follow this linear.
-            RoutingError: with expert parallelism (not supported in this mode).
+            RoutingError: when only one of the two linears is sharded (expert parallelism).
         """
         if self.leader is not None or second.leader is not self:
             raise SharedDecisionError(
                 f"expert FFNs pair a gate owner with its follower; layers.{self.layer_index}."
                 f"{self.sublayer} and layers.{second.layer_index}.{second.sublayer} are not one"
             )
-        if self.expert_group is not None or second.expert_group is not None:
-            raise RoutingError("expert FFNs (moe.expert_ffn) do not run with expert parallelism")
+        if (self.expert_group is None) != (second.expert_group is None):
+            raise RoutingError(
+                "expert FFNs need both linears' experts sharded over the same group, or neither"
+            )
         padding = self._checked_padding(x, routing)
         batch, length, _ = x.shape
         route, stats = self.route(x, padding)
         self._memo = route
+        if self.expert_group is not None:
+            from uniperceiver_cli.model.moe.parallel import expert_parallel_ffn
+
+            tokens = length if self.context else 1
+            out_sorted = expert_parallel_ffn(
+                gather_units(self._units(x, route), route.plan),
+                route.plan.counts * tokens,
+                self.experts,
+                second.experts,
+                self.expert_group,
+                self.cpu_gemm,
+            )
+            return self._combined(out_sorted, route), self._aux(routing, route, stats, padding)
         rows, counts, row_weights = self._routed_rows(route)
         y = expert_ffn(
             x.reshape(batch * length, self.in_features),
