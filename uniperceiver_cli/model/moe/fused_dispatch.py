@@ -349,13 +349,18 @@ def _weight_grad_onednn(
     assert n is not None, "give the row count when s is None"
     size, din = xb.shape
     rows = din + (1 if grad_b is not None else 0)
-    aug = xb.new_zeros((rows, size))
     if s is None:
-        aug[:din, :n] = xb[:n].t()
+        # the padding rows of xb are zero: one blocked transpose of the whole block
+        aug = xb.new_empty((rows, size))
+        aug[:din] = xb.t()
+        if grad_b is not None:
+            aug[din, :n] = 1
+            aug[din, n:] = 0
     else:
+        aug = xb.new_zeros((rows, size))
         torch.mul(xb[:n].t(), s, out=aug[:din, :n])
-    if grad_b is not None:
-        aug[din, :n] = 1 if s is None else s
+        if grad_b is not None:
+            aug[din, :n] = s
     product = mm(aug, g, backend="onednn")  # (rows, Dout)
     grad_w.copy_(product[:din].t())
     if grad_b is not None:
