@@ -559,12 +559,15 @@ def eval_steps(
     routing = RoutingContext("bench", (Segment(length, "image", (0,) * 8),))
     x = torch.randn(args.tokens // length, length, args.dim)
 
-    def routed(chunk: int | None) -> Step:
+    def routed(chunk: int | None, expert_ffn: bool = False) -> Step:
         def run() -> None:
             ffn_in.invariant_chunk = ffn_out.invariant_chunk = chunk
             with torch.no_grad(), autocast(dtype):
-                h, _ = ffn_in(x, routing)
-                ffn_out(F.gelu(h), routing)
+                if expert_ffn:  # the same weights as whole-FFN experts (moe.expert_ffn)
+                    ffn_in.expert_ffn(x, ffn_out, routing)
+                else:
+                    h, _ = ffn_in(x, routing)
+                    ffn_out(F.gelu(h), routing)
 
         return run
 
@@ -584,6 +587,8 @@ def eval_steps(
         DENSE_GEMM: run_dense_gemm,
         "routed, plain matmuls": routed(None),
         "routed, batch-invariant (default)": routed(INVARIANT_CHUNK),
+        "routed, expert FFNs, plain matmuls": routed(None, expert_ffn=True),
+        "routed, expert FFNs, batch-invariant (default)": routed(INVARIANT_CHUNK, expert_ffn=True),
     }
 
 
