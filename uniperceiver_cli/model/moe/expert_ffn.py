@@ -40,11 +40,14 @@ def _block_linear(
     bias: torch.Tensor | None,
     chunk: int | None,
     gemm: GemmBackend,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """x Wᵀ + b as one product or in products of exactly `chunk` rows (x has a multiple)."""
+    """x Wᵀ + b as one product or in products of exactly `chunk` rows (x has a multiple),
+    into `out` when given."""
     if chunk is None:
-        return mm(x, weight.t(), bias=bias, backend=gemm)
-    out = x.new_empty((x.shape[0], weight.shape[0]))
+        return mm(x, weight.t(), bias=bias, out=out, backend=gemm)
+    if out is None:
+        out = x.new_empty((x.shape[0], weight.shape[0]))
     wt = weight.t()
     for start in range(0, x.shape[0], chunk):
         rows = slice(start, start + chunk)
@@ -92,7 +95,19 @@ class _ExpertFFN(torch.autograd.Function):
         if b2 is not None:
             buffer[layout.total + 1 :] = b2
         keep = any(ctx.needs_input_grad[:6])  # type: ignore[attr-defined]
+        # the (E, F, D) and (E, D, F) weight gradients are allocated now, at the start of the
+        # step, where the previous step's gradients were just released, not in backward after
+        # the kept blocks have split the heap (there they often took fresh pages)
+        need_w1, need_w2 = (bool(n) for n in ctx.needs_input_grad[1:4:2])  # type: ignore[attr-defined]
+        ctx.grad_w1 = torch.empty_like(w1) if need_w1 else None  # type: ignore[attr-defined]
+        ctx.grad_w2 = torch.empty_like(w2) if need_w2 else None  # type: ignore[attr-defined]
         inputs = x.new_empty((layout.total, x.shape[1])) if keep else None
+        # what backward needs of every expert, in expert-major buffers rather than 2E separate
+        # blocks that fragment the heap: activations GELU(h), and the pre-activations h where
+        # the product can be written in place (torch.mm; oneDNN's products are fresh anyway)
+        width = w1.shape[1]
+        acts = x.new_empty((layout.total, width)) if keep else None
+        hs = x.new_empty((layout.total, width)) if keep and gemm != "onednn" else None
         kept: list[tuple[torch.Tensor, torch.Tensor] | None] = []
         cast: list[tuple[torch.Tensor, torch.Tensor] | None] = []
         with torch.autocast(device_type=x.device.type, enabled=False):
@@ -109,9 +124,12 @@ class _ExpertFFN(torch.autograd.Function):
                 xb = _gather_padded(x, rows[first : first + n], size, block)
                 first += n
                 b1e = None if b1 is None else b1[e].to(dtype)
-                h = _block_linear(xb, w1e, b1e, row_chunk, gemm)
-                a = F.gelu(h)
-                _block_matmul(a, w2e, buffer[start : start + size], row_chunk, gemm)
+                block_rows = slice(start, start + size)
+                h = _block_linear(
+                    xb, w1e, b1e, row_chunk, gemm, None if hs is None else hs[block_rows]
+                )
+                a = F.gelu(h) if acts is None else torch.ops.aten.gelu.out(h, out=acts[block_rows])
+                _block_matmul(a, w2e, buffer[block_rows], row_chunk, gemm)
                 kept.append((h, a) if keep else None)
             scale = row_weights.to(dtype).new_zeros(out_slots.shape)
             k = scale.shape[1] // (2 if b2 is not None else 1)
@@ -139,20 +157,24 @@ class _ExpertFFN(torch.autograd.Function):
         cast = ctx.cast  # type: ignore[attr-defined]
         dtype: torch.dtype = ctx.dtype  # type: ignore[attr-defined]
         gemm: GemmBackend = ctx.gemm  # type: ignore[attr-defined]
-        need_x, need_w1, need_b1, need_w2, need_b2, need_s = ctx.needs_input_grad[:6]  # type: ignore[attr-defined]
+        need_x, need_w1, need_b1, _, need_b2, need_s = ctx.needs_input_grad[:6]  # type: ignore[attr-defined]
         need_b1 = need_b1 and b1 is not None
         need_b2 = need_b2 and b2 is not None
         scale = row_weights.to(dtype)
         grad_y = grad_y.to(dtype).contiguous()
         dim = w1.shape[2]
-        grad_w1 = torch.empty_like(w1) if need_w1 else None
-        grad_w2 = torch.empty_like(w2) if need_w2 else None
+        grad_w1: torch.Tensor | None = ctx.grad_w1  # type: ignore[attr-defined]
+        grad_w2: torch.Tensor | None = ctx.grad_w2  # type: ignore[attr-defined]
+        ctx.grad_w1 = ctx.grad_w2 = None  # type: ignore[attr-defined]
         grad_b1 = grad_y.new_zeros((w1.shape[0], w1.shape[1])) if need_b1 else None
         grad_b2 = grad_y.new_zeros((w2.shape[0], w2.shape[1])) if need_b2 else None
         grad_s = grad_y.new_zeros(scale.shape) if need_s else None
         grads_in = grad_y.new_empty((layout.total + 1, dim)) if need_x else None
         if grads_in is not None:
             grads_in[layout.total].zero_()
+        work = None
+        if gemm != "onednn" and (need_x or need_w1 or need_b1) and layout.counts:
+            work = grad_y.new_empty((max(layout.padded), w1.shape[1]))
         with torch.autocast(device_type=grad_y.device.type, enabled=False):
             first = 0
             for e, n in enumerate(layout.counts):
@@ -178,7 +200,11 @@ class _ExpertFFN(torch.autograd.Function):
                     _mm_into(grad_w2[e], g.t(), a, gemm)
                 if not (need_x or need_w1 or need_b1):
                     continue
-                dh = torch.ops.aten.gelu_backward(mm(g, w2e, backend=gemm), h)  # (n', F)
+                if work is None:  # oneDNN: its product is fresh anyway; GELU' in place
+                    da = mm(g, w2e, backend=gemm)
+                else:  # torch.mm: into one scratch block reused by every expert
+                    da = mm(g, w2e, out=work[:size], backend=gemm)
+                dh = torch.ops.aten.gelu_backward.grad_input(da, h, grad_input=da)  # (n', F)
                 xb = inputs[start : start + size]
                 if grad_w1 is not None and gemm == "onednn":
                     _weight_grad_onednn(dh, xb, None, grad_w1[e], grad_b1, e, n)
