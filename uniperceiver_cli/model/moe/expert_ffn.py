@@ -26,8 +26,9 @@ from uniperceiver_cli.model.moe.fused_dispatch import (
     _gather_padded,
     _Layout,
     _mm_into,
+    _output_buffer,
     _weight_grad_onednn,
-    _widen,
+    _weighted_combine,
     expert_row_multiple,
 )
 
@@ -85,15 +86,8 @@ class _ExpertFFN(torch.autograd.Function):
         gemm: GemmBackend,
     ) -> torch.Tensor:
         dtype = x.dtype
-        num_experts, dim = w2.shape[0], w2.shape[1]
-        num_rows = x.shape[0]
         layout = _Layout.build(counts, row_chunk or row_multiple, x.device)
-        out_slots, out_flat = layout.slots(rows, num_rows, with_bias=b2 is not None)
-        extra = 1 + (num_experts if b2 is not None else 0)
-        buffer = x.new_empty((layout.total + extra, dim))
-        buffer[layout.total].zero_()
-        if b2 is not None:
-            buffer[layout.total + 1 :] = b2
+        buffer, out_slots, out_flat = _output_buffer(x, layout, rows, x.shape[0], b2, w2.shape[1])
         keep = any(ctx.needs_input_grad[:6])  # type: ignore[attr-defined]
         # the (E, F, D) and (E, D, F) weight gradients are allocated now, at the start of the
         # step, where the previous step's gradients were just released, not in backward after
@@ -131,12 +125,9 @@ class _ExpertFFN(torch.autograd.Function):
                 a = F.gelu(h) if acts is None else torch.ops.aten.gelu.out(h, out=acts[block_rows])
                 _block_matmul(a, w2e, buffer[block_rows], row_chunk, gemm)
                 kept.append((h, a) if keep else None)
-            scale = row_weights.to(dtype).new_zeros(out_slots.shape)
-            k = scale.shape[1] // (2 if b2 is not None else 1)
-            scale.view(-1)[_widen(out_flat, k, scale.shape[1])] = row_weights.to(dtype)
-            if b2 is not None:
-                scale[:, k:] = scale[:, :k]
-            y = _combine(buffer, out_slots, scale)
+            y = _weighted_combine(
+                buffer, out_slots, out_flat, row_weights.to(dtype), b2 is not None
+            )
         saved = (inputs, w1, b1, w2, b2, row_weights, rows, buffer if keep else None)
         ctx.save_for_backward(*saved)  # type: ignore[arg-type]
         ctx.layout = layout  # type: ignore[attr-defined]

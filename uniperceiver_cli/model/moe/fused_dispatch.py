@@ -106,6 +106,64 @@ class _Layout:
         return table, flat
 
 
+def _output_buffer(
+    x: torch.Tensor,
+    layout: _Layout,
+    dest: torch.Tensor,
+    num_out: int,
+    bias: torch.Tensor | None,
+    width: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The expert-major output buffer of a fused node and the slots that combine it.
+
+    Args:
+        x: any tensor of the compute dtype and device.
+        layout: the blocks.
+        dest: (M,) int64 output row of every routed row.
+        num_out: R, output rows.
+        bias: (E, W) biases, stored as rows `total + 1 + e`, or None.
+        width: W.
+
+    Returns:
+        The (M' + 1 [+ E], W) buffer (row M' zero, bias rows filled, block rows for the caller
+        to write), the (R, K) or (R, 2K) slots and the (M,) flat slot index (`_Layout.slots`).
+    """
+    out_slots, out_flat = layout.slots(dest, num_out, with_bias=bias is not None)
+    extra = 1 + (bias.shape[0] if bias is not None else 0)
+    buffer = x.new_empty((layout.total + extra, width))
+    buffer[layout.total].zero_()
+    if bias is not None:
+        buffer[layout.total + 1 :] = bias
+    return buffer, out_slots, out_flat
+
+
+def _weighted_combine(
+    buffer: torch.Tensor,
+    out_slots: torch.Tensor,
+    out_flat: torch.Tensor,
+    row_weights: torch.Tensor,
+    with_bias: bool,
+) -> torch.Tensor:
+    """Σ over each output row's slots of weight x buffer row, biases weighted like their rows.
+
+    Args:
+        buffer: from `_output_buffer`, block rows written.
+        out_slots: (R, K), or (R, 2K) with bias slots.
+        out_flat: (M,) flat slot index of every routed row.
+        row_weights: (M,) combine weights in the buffer's dtype.
+        with_bias: `out_slots` has the K bias slots.
+
+    Returns:
+        (R, W).
+    """
+    scale = row_weights.new_zeros(out_slots.shape)
+    k = scale.shape[1] // (2 if with_bias else 1)
+    scale.view(-1)[_widen(out_flat, k, scale.shape[1])] = row_weights
+    if with_bias:
+        scale[:, k:] = scale[:, :k]
+    return _combine(buffer, out_slots, scale)
+
+
 def _combine(
     buffer: torch.Tensor, slots: torch.Tensor, weights: torch.Tensor | None
 ) -> torch.Tensor:
@@ -162,15 +220,10 @@ class _DispatchLinear(torch.autograd.Function):
         gemm: GemmBackend,
     ) -> torch.Tensor:
         dtype = x.dtype
-        num_experts, dout, din = weight.shape
+        _, dout, din = weight.shape
         narrow_out = dout <= din
         layout = _Layout.build(counts, row_chunk or row_multiple, x.device)
-        out_slots, out_flat = layout.slots(dest, num_out, with_bias=bias is not None)
-        extra = 1 + (num_experts if bias is not None else 0)
-        buffer = x.new_empty((layout.total + extra, dout))
-        buffer[layout.total].zero_()
-        if bias is not None:
-            buffer[layout.total + 1 :] = bias
+        buffer, out_slots, out_flat = _output_buffer(x, layout, dest, num_out, bias, dout)
         # Dout <= Din: backward needs the gathered inputs (for dW) but never x itself
         need_w = bool(ctx.needs_input_grad[1])  # type: ignore[attr-defined]
         inputs = x.new_empty((layout.total, din)) if narrow_out and need_w else None
@@ -188,12 +241,9 @@ class _DispatchLinear(torch.autograd.Function):
                 xb = _gather_padded(x, src[first : first + n], size, block)
                 _block_matmul(xb, w, buffer[start : start + size], row_chunk, gemm)
                 first += n
-            scale = row_weights.to(dtype).new_zeros(out_slots.shape)
-            k = scale.shape[1] // (2 if bias is not None else 1)
-            scale.view(-1)[_widen(out_flat, k, scale.shape[1])] = row_weights.to(dtype)
-            if bias is not None:
-                scale[:, k:] = scale[:, :k]
-            y = _combine(buffer, out_slots, scale)
+            y = _weighted_combine(
+                buffer, out_slots, out_flat, row_weights.to(dtype), bias is not None
+            )
         keep_outputs = bool(ctx.needs_input_grad[3]) and narrow_out  # type: ignore[attr-defined]
         saved = (
             inputs if narrow_out else x,
