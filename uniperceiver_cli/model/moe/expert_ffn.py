@@ -60,10 +60,12 @@ class _ExpertFFN(torch.autograd.Function):
     """Gather, per-expert FFN (linear, GELU, linear) and weighted combine in one node.
 
     Forward, per expert e with its n routed rows (zero-padded to the row multiple): gather the
-    D-wide inputs, h = x W1ᵀ + b1 and a = GELU(h) in the expert's own (n', F) tensors, and its
+    D-wide inputs, h = x W1ᵀ + b1 and a = GELU(h) (n', F) (when a gradient is needed, a goes
+    into one expert-major buffer, and h too where the product can be written in place), and the
     bias-free D-wide output o = a W2ᵀ into one expert-major buffer that also holds the b2 rows;
     one weighted `embedding_bag` adds each token's K outputs and biases. h and a are kept for
-    backward when a gradient is needed (as autograd would keep them for a dense FFN).
+    backward when a gradient is needed (as autograd would keep them for a dense FFN), and the
+    weight gradients are allocated here, at the start of the step.
 
     Backward, per expert: g = the gathered output gradient, ds = g · (o + b2), then g is scaled
     by s and dW2 = gᵀ a, db2 = Σ g, da = g W2, dh = GELU'(h) da, dW1 = dhᵀ x, db1 = Σ dh and the
