@@ -147,7 +147,7 @@ class MoESpec(Section):
                 "(segment-constant routing merges weights and has no dispatch)"
             )
         if values.get("expert_ffn") is True:
-            sublayers = values.get("sublayers", ["qkv", "attn_out", "ffn_in", "ffn_out"])
+            sublayers = values.get("sublayers", cls.model_fields["sublayers"].default)
             listed = sublayers if isinstance(sublayers, list) else []
             problems.extend(expert_ffn_problems(routing, listed))
         if values.get("unseen_task") == "fallback" and values.get("fallback_task") is None:

@@ -343,7 +343,7 @@ class TokenRoutedLinear(_RoutedLinear):
                 f"expert FFNs pair a gate owner with its follower; layers.{self.layer_index}."
                 f"{self.sublayer} and layers.{second.layer_index}.{second.sublayer} are not one"
             )
-        if (self.expert_group is None) != (second.expert_group is None):
+        if self.expert_group is not second.expert_group:
             raise RoutingError(
                 "expert FFNs need both linears' experts sharded over the same group, or neither"
             )
