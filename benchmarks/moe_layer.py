@@ -3,8 +3,10 @@
 Parts (all by default, or pick with --parts):
 
 * `attribute`: an attribute-routed linear (D -> F) at eval (cached plan, merged weights) against
-  an `nn.Linear` of the same shape, on one segment (image) and on two segments (caption), in the
-  default batch-invariant eval mode and with it off (`invariant_chunk = None`, plain matmuls).
+  an `nn.Linear` of the same shape and a dense linear on ours' GEMM, on one segment (image) and on
+  two segments (caption), with plain matmuls (the default) and with the batch-invariant mode opted
+  in, plus ours on torch's BLAS and the reference's split (`F.linear` per segment slice, then
+  `torch.cat`, SPEC §2.5) so each ratio can be read with the same GEMM on both sides.
 * `eval`: a token- and a context-routed FFN at eval without gradients (dropless), batch-invariant
   mode against plain matmuls and a dense FFN, float32 and bf16 autocast.
 * `token`: forward+backward of a token-routed FFN, `ffn_in` (gate owner, top-K, capacity) ->
@@ -54,6 +56,7 @@ from uniperceiver_cli.model.gemm import GemmBackend, GemmLinear, linear, resolve
 from uniperceiver_cli.model.moe import SegmentRoutedLinear, TokenRoutedLinear, build_routed_linears
 from uniperceiver_cli.model.moe.dispatch import DispatchPlan
 from uniperceiver_cli.model.moe.experts import INVARIANT_CHUNK
+from uniperceiver_cli.model.moe.fold import fold
 from uniperceiver_cli.model.routing import RoutingContext, Segment, input_segments
 
 Step = Callable[[], None]
@@ -67,6 +70,11 @@ OURS_FFN = "ours, expert FFNs mixed once (moe.expert_ffn, DeepSpeed's function)"
 OURS_FFN_BLAS = "ours, expert FFNs, torch's BLAS"
 DEEPSPEED = "DeepSpeed MoE"
 DENSE_LINEAR_GEMM = "dense linear, same GEMM as ours"
+DENSE_LINEAR = "dense nn.Linear (torch's BLAS)"
+ATTRIBUTE = "attribute-routed (eval, default)"
+ATTRIBUTE_INVARIANT = "attribute-routed (eval, batch-invariant opt-in)"
+ATTRIBUTE_BLAS = "attribute-routed (eval, default), torch's BLAS"
+REFERENCE_SPLIT = "the reference's split: F.linear per segment slice + torch.cat (torch's BLAS)"
 DEEPSPEED_GEMM = "DeepSpeed MoE, experts on the same GEMM as ours"
 UNFUSED = "ours, unfused (gather / grouped / combine)"
 NAIVE = "ours, one-hot (N, E, C) dispatch"
@@ -243,6 +251,21 @@ def bench_attribute(args: argparse.Namespace) -> None:
             with torch.no_grad():
                 routed(x, routing)
 
+        def run_plain_blas(x: torch.Tensor = x, routing: RoutingContext = routing) -> None:
+            routed.invariant_chunk = None
+            routed.cpu_gemm = "torch"
+            try:
+                with torch.no_grad():
+                    routed(x, routing)
+            finally:
+                routed.cpu_gemm = "auto"
+
+        segments = merged_segments(routed, routing)
+
+        def run_reference(x: torch.Tensor = x, segments: Any = segments) -> None:
+            with torch.no_grad():
+                reference_split(x, segments)
+
         def run_dense(x: torch.Tensor = x) -> None:
             with torch.no_grad():
                 dense(x)
@@ -253,13 +276,16 @@ def bench_attribute(args: argparse.Namespace) -> None:
 
         with torch.no_grad():
             y, _ = routed(x, routing)
+            torch.testing.assert_close(reference_split(x, segments), y, rtol=1e-4, atol=1e-4)
         assert y.shape == (batch, routing.length, args.ffn)
         medians = interleaved(
             {
                 DENSE_LINEAR_GEMM: run_dense_gemm,
-                "dense nn.Linear (torch's BLAS)": run_dense,
-                "attribute-routed (eval, batch-invariant opt-in)": run_routed,
-                "attribute-routed (eval, default)": run_plain,
+                DENSE_LINEAR: run_dense,
+                ATTRIBUTE_INVARIANT: run_routed,
+                ATTRIBUTE: run_plain,
+                ATTRIBUTE_BLAS: run_plain_blas,
+                REFERENCE_SPLIT: run_reference,
             },
             args.reps * 4,
             args.warmup + 2,
@@ -269,7 +295,36 @@ def bench_attribute(args: argparse.Namespace) -> None:
             f"float32 GEMM: {resolve_backend('auto')}",
             medians,
             DENSE_LINEAR_GEMM,
+            "same GEMM for routed and dense: ours / dense = "
+            f"{medians[ATTRIBUTE] / medians[DENSE_LINEAR_GEMM]:.3f}x on ours' GEMM, "
+            f"{medians[ATTRIBUTE_BLAS] / medians[DENSE_LINEAR]:.3f}x on torch's BLAS; the "
+            "reference's split on torch's BLAS / dense = "
+            f"{medians[REFERENCE_SPLIT] / medians[DENSE_LINEAR]:.3f}x; as shipped, ours / "
+            f"nn.Linear = {medians[ATTRIBUTE] / medians[DENSE_LINEAR]:.3f}x",
         )
+
+
+def reference_split(x: torch.Tensor, segments: list[tuple[int, int, nn.Linear]]) -> torch.Tensor:
+    """The reference's way (SPEC §2.5): `F.linear` of each segment's slice with its merged
+    weights (torch's BLAS), then `torch.cat` along the sequence: (B, L, Din) -> (B, L, Dout).
+
+    Args:
+        x: (B, L, Din).
+        segments: (start, end, merged linear) of every non-empty segment, in order.
+    """
+    return torch.cat([F.linear(x[:, a:b], dense.weight, dense.bias) for a, b, dense in segments], 1)
+
+
+def merged_segments(
+    routed: SegmentRoutedLinear, routing: RoutingContext
+) -> list[tuple[int, int, nn.Linear]]:
+    """(start, end, the merged linear `fold` builds for its key) of every non-empty segment."""
+    keys = routed.routing_keys(routing)
+    return [
+        (start, end, fold(routed, key))
+        for key, (start, end) in zip(keys, routing.boundaries(), strict=True)
+        if end > start
+    ]
 
 
 # token routing, forward + backward -------------------------------------------------------------
@@ -507,7 +562,9 @@ def bench_token(args: argparse.Namespace) -> None:
             f"{args.fresh_inputs} input(s) in turn; ours' float32 GEMM: "
             f"{resolve_backend('auto')}; ours / dense on the same GEMM = "
             f"{medians[OURS] / medians[DENSE_GEMM]:.3f}x; expert FFNs / dense on the same GEMM = "
-            f"{medians[OURS_FFN] / medians[DENSE_GEMM]:.3f}x"
+            f"{medians[OURS_FFN] / medians[DENSE_GEMM]:.3f}x; all on torch's BLAS: ours / dense "
+            f"= {medians[OURS_BLAS] / medians[DENSE]:.3f}x, expert FFNs / dense = "
+            f"{medians[OURS_FFN_BLAS] / medians[DENSE]:.3f}x"
         )
         if DEEPSPEED in medians:
             note += (
