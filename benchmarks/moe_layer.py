@@ -44,7 +44,7 @@ import resource
 import statistics
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -60,6 +60,9 @@ from uniperceiver_cli.model.moe.fold import fold
 from uniperceiver_cli.model.routing import RoutingContext, Segment, input_segments
 
 Step = Callable[[], None]
+
+#: (start, end, merged dense linear) of each non-empty segment (the reference's split).
+Segments = list[tuple[int, int, nn.Linear]]
 
 #: Candidates of `token_steps`.
 DENSE = "dense FFN"
@@ -253,16 +256,16 @@ def bench_attribute(args: argparse.Namespace) -> None:
 
         def run_plain_blas(x: torch.Tensor = x, routing: RoutingContext = routing) -> None:
             routed.invariant_chunk = None
-            routed.cpu_gemm = "torch"
+            shipped, routed.cpu_gemm = routed.cpu_gemm, "torch"
             try:
                 with torch.no_grad():
                     routed(x, routing)
             finally:
-                routed.cpu_gemm = "auto"
+                routed.cpu_gemm = shipped
 
         segments = merged_segments(routed, routing)
 
-        def run_reference(x: torch.Tensor = x, segments: Any = segments) -> None:
+        def run_reference(x: torch.Tensor = x, segments: Segments = segments) -> None:
             with torch.no_grad():
                 reference_split(x, segments)
 
@@ -304,7 +307,7 @@ def bench_attribute(args: argparse.Namespace) -> None:
         )
 
 
-def reference_split(x: torch.Tensor, segments: list[tuple[int, int, nn.Linear]]) -> torch.Tensor:
+def reference_split(x: torch.Tensor, segments: Segments) -> torch.Tensor:
     """The reference's way (SPEC §2.5): `F.linear` of each segment's slice with its merged
     weights (torch's BLAS), then `torch.cat` along the sequence: (B, L, Din) -> (B, L, Dout).
 
@@ -315,9 +318,7 @@ def reference_split(x: torch.Tensor, segments: list[tuple[int, int, nn.Linear]])
     return torch.cat([F.linear(x[:, a:b], dense.weight, dense.bias) for a, b, dense in segments], 1)
 
 
-def merged_segments(
-    routed: SegmentRoutedLinear, routing: RoutingContext
-) -> list[tuple[int, int, nn.Linear]]:
+def merged_segments(routed: SegmentRoutedLinear, routing: RoutingContext) -> Segments:
     """(start, end, the merged linear `fold` builds for its key) of every non-empty segment."""
     keys = routed.routing_keys(routing)
     return [
@@ -447,7 +448,9 @@ def token_steps(
     params = [*ffn_in.parameters(), *ffn_out.parameters(), *dense.parameters()]
     turn = [0]
 
-    def step(loss_fn: Callable[[torch.Tensor], torch.Tensor], extra: list[torch.Tensor]) -> Step:
+    def step(
+        loss_fn: Callable[[torch.Tensor], torch.Tensor], extra: Sequence[torch.Tensor]
+    ) -> Step:
         def run() -> None:
             x = inputs[turn[0] % len(inputs)]
             turn[0] += 1
